@@ -1,0 +1,271 @@
+"""GPTQ (Frantar et al., 2022) for one [out, in] weight, emitting checkpoint format v1.
+
+Usage::
+
+    acc = HessianAccumulator(in_features)
+    for x in calibration_inputs:          # [..., in_features], the inputs the linear sees
+        acc.add(x)
+    qweight = gptq_quantize(w, acc.finalize(), scheme)
+
+Choices that matter for the rest of the pipeline:
+
+* The grid of each group is a plain min/max grid (``quant_grid``). By default
+  it is fitted on the ORIGINAL weight up front ("static groups", AutoGPTQ's
+  ``static_groups``), and columns are processed in act-order (decreasing
+  Hessian diagonal). The group of a column never depends on the processing
+  order, so the checkpoint needs no ``g_idx`` and kernels read groups in
+  natural order. ``static_groups=False`` gives the paper's dynamic grids
+  (fitted on the updated columns when the pass reaches a group; natural order).
+* The result is ``format.encode`` of the values GPTQ chose, so
+  ``dequantize(gptq_quantize(...))`` is bit-exact what the algorithm computed
+  (``run_gptq(...).fake_quantized``).
+* Every scheme runs through the same loop: the per-column rounding is the
+  scheme's own (int asymmetric/symmetric, or the fp8 e4m3 cast with its
+  per-channel scale), and GPTQ's error feedback only needs *some* rounding.
+* Degenerate statistics never produce NaN: a Hessian without samples (an
+  expert no calibration token reached) falls back to RTN; inputs that were
+  always zero ("dead") are rounded without error feedback; a Hessian that is
+  not positive definite even after dampening gets more dampening, then RTN.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from vllm_mxmoe.format import QuantizedWeight, encode
+from vllm_mxmoe.schemes import Scheme
+
+from .quant_grid import as_float_weight, fit_grid, quantize_dequantize
+
+DEFAULT_PERCDAMP = 0.01
+DEFAULT_BLOCK_SIZE = 128
+# Dampening tried after percdamp when the Cholesky factorisation fails.
+_DAMP_RETRIES = (0.1, 1.0, 10.0)
+
+
+class HessianAccumulator:
+    """Accumulates H = 2 X^T X / n over calibration inputs of one linear.
+
+    The running sum is kept in `dtype` (float64 by default: millions of tokens
+    summed in float32 lose digits that the Cholesky factorisation amplifies).
+    Memory is allocated on the device of the first batch.
+    """
+
+    def __init__(
+        self, in_features: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ):
+        self.in_features = in_features
+        self.dtype = dtype
+        self.device = None if device is None else torch.device(device)
+        self.num_samples = 0
+        self._xtx: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add inputs x [..., in_features] (every leading index is one sample)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"HessianAccumulator: expected inputs [..., {self.in_features}], got {tuple(x.shape)}"
+            )
+        x = x.detach().reshape(-1, self.in_features)
+        if x.shape[0] == 0:
+            return
+        if self._xtx is None:
+            self.device = x.device if self.device is None else self.device
+            self._xtx = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=self.device)
+        # Each batch's product in float32 (fast everywhere, no float64 copy of the
+        # activations); only the running sum needs the extra precision.
+        x = x.to(device=self.device, dtype=torch.float32)
+        self._xtx += (x.T @ x).to(self.dtype)
+        self.num_samples += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """H = 2 X^T X / n; all zeros when no sample was added."""
+        if self._xtx is None:
+            return torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=self.device)
+        return self._xtx * (2.0 / self.num_samples)
+
+
+@dataclass
+class GPTQResult:
+    """What GPTQ computed: the dequantized weight and the grid it used (fp16)."""
+
+    fake_quantized: torch.Tensor  # float32 [N, K], exactly dequantize(to_quantized_weight())
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    scheme: Scheme
+    used_rtn: bool  # True when the Hessian carried no usable information
+
+    def to_quantized_weight(self) -> QuantizedWeight:
+        return encode(self.fake_quantized, self.scale, self.zero, self.scheme)
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, **options) -> QuantizedWeight:
+    """GPTQ-quantize `w` [N, K] given its Hessian [K, K]; options as in run_gptq."""
+    return run_gptq(w, hessian, scheme, **options).to_quantized_weight()
+
+
+def gptq_fake_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, **options) -> torch.Tensor:
+    """The dequantized GPTQ weight (float32), e.g. for sensitivity measurements."""
+    return run_gptq(w, hessian, scheme, **options).fake_quantized
+
+
+def run_gptq(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    *,
+    percdamp: float = DEFAULT_PERCDAMP,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    act_order: bool = True,
+    static_groups: bool = True,
+) -> GPTQResult:
+    """Run GPTQ on `w` [N, K] (any float dtype, any device) with Hessian [K, K].
+
+    act_order: process columns by decreasing Hessian diagonal (free here, thanks
+        to static groups, and clearly better at 2-3 bits).
+    static_groups: fit every group's grid on the original weight up front.
+        False is the original paper's dynamic grids (natural order only); at
+        2 bits those can be worse than RTN, as error feedback inflates the
+        later groups' ranges.
+    """
+    weight = as_float_weight(w, scheme)
+    h = _checked_hessian(hessian, weight)
+    if not (h.diagonal() > 0).any():
+        return _rtn_result(weight, scheme)  # no calibration sample: nothing to compensate with
+    if act_order and not static_groups:
+        raise ValueError("GPTQ: act_order needs static_groups (format v1 stores no g_idx)")
+
+    # Dead inputs (always 0 in calibration): H[i, i] = 1 decouples column i, so it
+    # is plainly rounded. Unlike reference GPTQ we keep (not zero) its weights: an
+    # input unseen in a small calibration set can still occur at inference.
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+
+    k = weight.shape[1]
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k, device=h.device)
+    hinv = _upper_cholesky_of_inverse(h[order][:, order], percdamp)
+    if hinv is None:
+        warnings.warn("GPTQ: Hessian not positive definite even with heavy dampening; using RTN")
+        return _rtn_result(weight, scheme)
+
+    dynamic = not static_groups and scheme.group(k) < k and not scheme.weight_is_fp8
+    grid = _Grid.empty(weight, scheme) if dynamic else _Grid.fitted(weight, scheme)
+    quantized = _gptq_pass(weight[:, order], hinv, order.tolist(), grid, block_size, dynamic)
+    return GPTQResult(quantized[:, torch.argsort(order)], grid.scale, grid.zero, scheme, used_rtn=False)
+
+
+def _checked_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match weight [{n}, {k}]")
+    h = hessian.detach().to(device=weight.device, dtype=torch.float64).clone()
+    if not torch.isfinite(h).all():
+        raise ValueError("GPTQ: Hessian contains NaN or inf (check the calibration activations)")
+    return h
+
+
+@dataclass
+class _Grid:
+    """Per-group scale/zero [N, G] (fp16) of one weight, and its per-column rounding."""
+
+    scheme: Scheme
+    group: int
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+    @classmethod
+    def fitted(cls, weight: torch.Tensor, scheme: Scheme) -> _Grid:
+        return cls(scheme, scheme.group(weight.shape[1]), *fit_grid(weight, scheme))
+
+    @classmethod
+    def empty(cls, weight: torch.Tensor, scheme: Scheme) -> _Grid:
+        n, k = weight.shape
+        group = scheme.group(k)
+        scale = torch.ones(n, k // group, dtype=torch.float16, device=weight.device)
+        return cls(scheme, group, scale, None if scheme.symmetric else torch.zeros_like(scale))
+
+    def refit(self, column: int, group_columns: torch.Tensor) -> None:
+        g = column // self.group
+        scale, zero = fit_grid(group_columns, self.scheme)
+        self.scale[:, g : g + 1] = scale
+        if self.zero is not None:
+            self.zero[:, g : g + 1] = zero
+
+    def round_column(self, values: torch.Tensor, column: int) -> torch.Tensor:
+        g = column // self.group
+        return quantize_dequantize(
+            values, self.scale[:, g], None if self.zero is None else self.zero[:, g], self.scheme
+        )
+
+
+def _gptq_pass(
+    weight: torch.Tensor, hinv: torch.Tensor, columns: list[int], grid: _Grid, block_size: int, dynamic: bool
+) -> torch.Tensor:
+    """The GPTQ loop over the (permuted) columns with lazy block updates.
+
+    weight [N, K] permuted, hinv the upper Cholesky factor of the permuted H^-1,
+    columns[j] the original index of permuted column j (it picks the group).
+    Returns the quantized weight, still permuted.
+    """
+    weight = weight.clone()
+    k = weight.shape[1]
+    quantized = torch.zeros_like(weight)
+    block_size = _aligned_block_size(block_size, grid.group, dynamic)
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        block = weight[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        hinv_block = hinv[start:end, start:end]
+        for i in range(end - start):
+            column = columns[start + i]
+            if dynamic and column % grid.group == 0:
+                # The group's columns as GPTQ has updated them so far. A group
+                # lies inside this block or starts it, and then the columns past
+                # the block are up to date as well.
+                grid.refit(column, torch.cat([block[:, i:], weight[:, end:]], dim=1)[:, : grid.group])
+            q = grid.round_column(block[:, i], column)
+            quantized[:, start + i] = q
+            err = (block[:, i] - q) / hinv_block[i, i]
+            block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        # Lazy update: the columns after this block see its errors in one matmul.
+        weight[:, end:] -= errors @ hinv[start:end, end:]
+    return quantized
+
+
+def _rtn_result(weight: torch.Tensor, scheme: Scheme) -> GPTQResult:
+    scale, zero = fit_grid(weight, scheme)
+    g = scheme.group(weight.shape[1])
+    per_column_zero = None if zero is None else zero.repeat_interleave(g, dim=1)
+    fake = quantize_dequantize(weight, scale.repeat_interleave(g, dim=1), per_column_zero, scheme)
+    return GPTQResult(fake, scale, zero, scheme, used_rtn=True)
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor, percdamp: float) -> torch.Tensor | None:
+    """Upper Cholesky factor of (H + damp I)^-1 as float32, or None if H is hopeless.
+
+    Factorised in float64: the inverse of a badly conditioned Hessian is where
+    float32 GPTQ implementations blow up.
+    """
+    mean_diag = h.diagonal().mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for damp in (percdamp, *_DAMP_RETRIES):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if info.item() != 0:
+            continue
+        hinv = torch.cholesky_inverse(chol)
+        upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+        if info.item() == 0 and torch.isfinite(upper).all():
+            return upper.float()
+    return None
+
+
+def _aligned_block_size(block_size: int, group: int, dynamic_groups: bool) -> int:
+    """Lazy-update block size such that a dynamic group starts at a column whose
+    whole group is up to date: groups either tile blocks or span whole blocks."""
+    if dynamic_groups and block_size % group and group % block_size:
+        return group
+    return block_size

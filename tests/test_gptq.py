@@ -1,0 +1,261 @@
+"""RTN grids and GPTQ: consistency with format v1, accuracy, degenerate statistics."""
+
+import pytest
+import torch
+
+from offline.gptq import HessianAccumulator, gptq_fake_quantize, gptq_quantize, run_gptq
+from offline.quant_grid import MIN_SCALE, fake_quantize, fit_grid, quantize_rtn
+from vllm_mxmoe.format import dequantize, tensor_specs
+from vllm_mxmoe.schemes import KNOWN_SCHEMES, parse_scheme
+
+N, K = 64, 256
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """GPTQ on these tiny matrices is ~256 small ops per call; on a shared 2-core
+    machine thread hand-offs cost more than the math (3x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def correlated_inputs(num: int, seed: int) -> torch.Tensor:
+    """Inputs with correlated channels of very different scales (LLM-like outlier channels)."""
+    gen = torch.Generator().manual_seed(1234)  # one distribution for every draw
+    mix = torch.randn(K, K, generator=gen) / K**0.5 + 0.3 * torch.eye(K)
+    channel_scale = torch.exp(torch.randn(K, generator=gen))
+    draw = torch.Generator().manual_seed(seed)
+    return (torch.randn(num, K, generator=draw) @ mix) * channel_scale
+
+
+@pytest.fixture(scope="module")
+def layer():
+    torch.manual_seed(0)
+    weight = torch.randn(N, K)
+    acc = HessianAccumulator(K)
+    for batch in correlated_inputs(2048, seed=1).split(512):
+        acc.add(batch.reshape(4, 128, K))  # leading dims are samples too
+    held_out = correlated_inputs(2048, seed=2)
+    return weight, acc.finalize(), held_out
+
+
+def output_error(weight, quantized, x):
+    ref = x @ weight.T
+    return float((x @ quantized.T - ref).norm() / ref.norm())
+
+
+# ---------------------------------------------------------------------------
+# RTN grid
+
+
+@pytest.mark.parametrize("name", KNOWN_SCHEMES)
+def test_rtn_grid_matches_format(name):
+    scheme = parse_scheme(name)
+    torch.manual_seed(0)
+    w = torch.randn(N, K) * torch.linspace(0.01, 3.0, K)
+    scale, zero = fit_grid(w, scheme)
+    groups = scheme.num_groups(K)
+    assert scale.shape == (N, groups) and scale.dtype == torch.float16
+    assert (zero is None) == scheme.symmetric
+    if zero is not None:
+        assert zero.shape == (N, groups) and zero.dtype == torch.float16
+        assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= scheme.qmax
+    qw = quantize_rtn(w, scheme)
+    for key, (shape, dtype) in tensor_specs(scheme, N, K).items():
+        assert tuple(qw.tensors()[key].shape) == shape and qw.tensors()[key].dtype == dtype, key
+    # Min/max grid: no clipping beyond fp16 rounding of the scale, error <= half a step.
+    err = (dequantize(qw, K) - w).abs()
+    step = scale.float().repeat_interleave(scheme.group(K), dim=1)
+    if scheme.weight_is_fp8:
+        assert (err <= w.abs() * 2**-4 + step * 2**-10).all()  # e4m3: 3 mantissa bits, subnormals below 2^-6
+    else:
+        assert (err <= 0.5 * step * 1.01 + 1e-6).all()
+    assert torch.equal(fake_quantize(w, scheme), dequantize(qw, K))
+
+
+@pytest.mark.parametrize("name", KNOWN_SCHEMES)
+def test_rtn_all_zero_rows_and_groups_are_finite(name):
+    scheme = parse_scheme(name)
+    w = torch.randn(N, K)
+    w[:8] = 0.0  # whole rows
+    w[8:16, :128] = 0.0  # single groups
+    scale, _ = fit_grid(w, scheme)
+    assert torch.isfinite(scale).all() and (scale.float() >= MIN_SCALE).all()
+    fq = fake_quantize(w, scheme)
+    assert torch.isfinite(fq).all()
+    assert torch.equal(fq[:8], torch.zeros(8, K))
+    if scheme.group(K) == 128:
+        assert torch.equal(fq[8:16, :128], torch.zeros(8, 128))
+
+
+def test_rtn_rejects_bad_weights():
+    scheme = parse_scheme("w4g128")
+    w = torch.randn(4, K)
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fit_grid(w, scheme)
+    with pytest.raises(ValueError, match="group size"):
+        fit_grid(torch.randn(4, 96), scheme)
+
+
+# ---------------------------------------------------------------------------
+# Hessian
+
+
+def test_hessian_accumulator_matches_definition():
+    x = torch.randn(3, 50, 32)
+    acc = HessianAccumulator(32)
+    acc.add(x[0])
+    acc.add(x[1:])
+    flat = x.reshape(-1, 32).double()
+    assert acc.num_samples == 150
+    assert torch.allclose(acc.finalize(), 2 * flat.T @ flat / 150, rtol=1e-5, atol=1e-5)  # float32 products
+    empty = HessianAccumulator(32).finalize()
+    assert empty.shape == (32, 32) and not empty.any()
+    with pytest.raises(ValueError, match="32"):
+        acc.add(torch.randn(4, 16))
+
+
+# ---------------------------------------------------------------------------
+# GPTQ accuracy
+
+
+@pytest.mark.parametrize("name", ["w4g128", "w3g128", "w2g128", "w8", "w4", "w2", "w8a8fp8"])
+def test_gptq_beats_rtn_on_held_out_inputs(layer, name):
+    weight, hessian, x = layer
+    scheme = parse_scheme(name)
+    rtn = output_error(weight, fake_quantize(weight, scheme), x)
+    gptq = output_error(weight, gptq_fake_quantize(weight, hessian, scheme), x)
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+@pytest.mark.parametrize("name", ["w4g128", "w3g128", "w2g128", "w4"])
+def test_gptq_natural_order_static_groups_beats_rtn(layer, name):
+    weight, hessian, x = layer
+    scheme = parse_scheme(name)
+    rtn = output_error(weight, fake_quantize(weight, scheme), x)
+    natural = output_error(weight, gptq_fake_quantize(weight, hessian, scheme, act_order=False), x)
+    act_order = output_error(weight, gptq_fake_quantize(weight, hessian, scheme), x)
+    assert natural < 0.95 * rtn
+    assert act_order < natural  # act-order is the better default on outlier-heavy inputs
+
+
+@pytest.mark.parametrize("name", ["w4g128", "w3g128"])
+def test_gptq_dynamic_groups_beat_rtn(layer, name):
+    weight, hessian, x = layer
+    scheme = parse_scheme(name)
+    result = run_gptq(weight, hessian, scheme, act_order=False, static_groups=False)
+    # Dynamic grids are fitted on updated columns, so they differ from the RTN grid.
+    assert not torch.equal(result.scale, fit_grid(weight, scheme)[0])
+    assert output_error(weight, result.fake_quantized, x) < 0.95 * output_error(
+        weight, fake_quantize(weight, scheme), x
+    )
+    assert torch.equal(dequantize(result.to_quantized_weight(), K), result.fake_quantized)
+
+
+def test_act_order_requires_static_groups(layer):
+    weight, hessian, _ = layer
+    with pytest.raises(ValueError, match="g_idx"):
+        run_gptq(weight, hessian, parse_scheme("w4g128"), act_order=True, static_groups=False)
+
+
+def test_lazy_blocks_equal_column_by_column_gptq(layer):
+    """Blocked lazy updates are an exact reordering of the sequential OBS updates."""
+    weight, hessian, _ = layer
+    scheme = parse_scheme("w3g128")
+    blocked = gptq_fake_quantize(weight, hessian, scheme, block_size=128)
+    sequential = gptq_fake_quantize(weight, hessian, scheme, block_size=1)
+    reference = reference_gptq(weight, hessian, scheme)
+    for other in (sequential, reference):
+        mismatch = (blocked != other).float().mean().item()
+        assert mismatch < 0.01, mismatch  # only float round-off at rounding ties may differ
+
+
+def reference_gptq(weight, hessian, scheme, percdamp=0.01):
+    """Textbook GPTQ/OBS: explicit inverse Hessian, downdated after each column (act-order, static grid)."""
+    h = hessian.double().clone()
+    order = torch.argsort(h.diagonal(), descending=True)
+    h = h[order][:, order]
+    h += percdamp * h.diagonal().mean() * torch.eye(K, dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    scale, zero = fit_grid(weight, scheme)
+    w = weight.double()[:, order].clone()
+    out = torch.zeros_like(w)
+    for i in range(K):
+        g = int(order[i]) // scheme.group(K)
+        s, z = scale[:, g].double(), zero[:, g].double()
+        q = (torch.round(w[:, i] / s) + z).clamp(0, scheme.qmax)
+        out[:, i] = (q - z) * s
+        err = (w[:, i] - out[:, i]) / hinv[i, i]
+        w[:, i:] -= err.unsqueeze(1) * hinv[i, i:].unsqueeze(0)
+        hinv -= torch.outer(hinv[:, i], hinv[i, :]) / hinv[i, i]
+    return out[:, torch.argsort(order)].float()
+
+
+# ---------------------------------------------------------------------------
+# Format round trip, every scheme
+
+
+@pytest.mark.parametrize("name", KNOWN_SCHEMES)
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_result_round_trips_exactly(layer, name, act_order):
+    weight, hessian, _ = layer
+    scheme = parse_scheme(name)
+    result = run_gptq(weight.half(), hessian, scheme, act_order=act_order)  # any float dtype in
+    qw = result.to_quantized_weight()
+    assert torch.isfinite(result.fake_quantized).all() and not result.used_rtn
+    assert torch.equal(dequantize(qw, K), result.fake_quantized)
+    assert torch.equal(
+        dequantize(gptq_quantize(weight.half(), hessian, scheme, act_order=act_order), K),
+        result.fake_quantized,
+    )
+    for key, (shape, dtype) in tensor_specs(scheme, N, K).items():
+        assert tuple(qw.tensors()[key].shape) == shape and qw.tensors()[key].dtype == dtype, key
+
+
+# ---------------------------------------------------------------------------
+# Degenerate calibration statistics
+
+
+@pytest.mark.parametrize("name", KNOWN_SCHEMES)
+def test_expert_without_calibration_tokens_gets_rtn(name):
+    scheme = parse_scheme(name)
+    weight = torch.randn(N, K)
+    result = run_gptq(weight, HessianAccumulator(K).finalize(), scheme)
+    assert result.used_rtn
+    assert torch.isfinite(result.fake_quantized).all() and torch.isfinite(result.scale).all()
+    assert torch.equal(result.fake_quantized, fake_quantize(weight, scheme))
+    assert torch.equal(dequantize(result.to_quantized_weight(), K), result.fake_quantized)
+
+
+def test_dead_inputs_are_rounded_not_zeroed(layer):
+    weight, _, _ = layer
+    x = correlated_inputs(512, seed=3)
+    dead = torch.tensor([0, 5, 130, 255])
+    x[:, dead] = 0.0
+    acc = HessianAccumulator(K)
+    acc.add(x)
+    scheme = parse_scheme("w4g128")
+    result = run_gptq(weight, acc.finalize(), scheme)
+    assert torch.isfinite(result.fake_quantized).all() and not result.used_rtn
+    # A dead column gets no error feedback: it is the RTN value of the original weight.
+    assert torch.equal(result.fake_quantized[:, dead], fake_quantize(weight, scheme)[:, dead])
+    assert result.fake_quantized[:, dead].abs().sum() > 0
+
+
+def test_few_samples_and_rank_deficient_hessian_stay_finite():
+    weight = torch.randn(N, K)
+    acc = HessianAccumulator(K)
+    acc.add(torch.randn(3, K))  # rank 3 of 256: only dampening makes it invertible
+    for name in ("w2g128", "w8a8fp8"):
+        result = run_gptq(weight, acc.finalize(), parse_scheme(name))
+        assert torch.isfinite(result.fake_quantized).all() and not result.used_rtn
+
+
+def test_nan_hessian_is_an_error():
+    hessian = torch.eye(K)
+    hessian[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        run_gptq(torch.randn(N, K), hessian, parse_scheme("w4g128"))

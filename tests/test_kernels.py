@@ -1,0 +1,263 @@
+"""Triton MoE kernels vs the torch reference, on the CPU through Triton's interpreter.
+
+The interpreter (TRITON_INTERPRET=1, set before triton is imported) runs the
+same kernels with numpy; it is slow, so shapes are tiny. fp16 only: triton
+3.9's interpreter returns garbage for bf16 tl.dot (bf16 is checked on the GPU
+by benchmarks/kernel_check.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vllm_mxmoe.format import FP8_MAX, encode  # noqa: E402
+from vllm_mxmoe.kernels.layout import ExpertGemmWeights  # noqa: E402
+from vllm_mxmoe.kernels.reference import expert_linear, reference_fused_experts  # noqa: E402
+from vllm_mxmoe.schemes import Scheme, parse_scheme  # noqa: E402
+
+_KERNEL_MODULES = ("act_quant", "align", "grouped_gemm", "fused_moe")
+
+
+def _load_interpreted_kernels():
+    """Import the kernel modules so that their @triton.jit functions run in the interpreter.
+
+    If another test imported them before TRITON_INTERPRET was set, reload them.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    mods = {}
+    for name in _KERNEL_MODULES:
+        full = f"vllm_mxmoe.kernels.{name}"
+        mod = importlib.import_module(full)
+        mods[name] = mod
+    if not isinstance(mods["grouped_gemm"]._grouped_gemm_kernel, InterpretedFunction):
+        for name in _KERNEL_MODULES:
+            mods[name] = importlib.reload(sys.modules[f"vllm_mxmoe.kernels.{name}"])
+    return mods
+
+
+_mods = _load_interpreted_kernels()
+align_routing = _mods["align"].align_routing
+grouped_gemm = _mods["grouped_gemm"].grouped_gemm
+mxmoe_fused_experts = _mods["fused_moe"].mxmoe_fused_experts
+quantize_fp8_per_token = _mods["act_quant"].quantize_fp8_per_token
+from vllm_mxmoe.kernels.configs import GemmConfig  # noqa: E402
+
+DTYPE = torch.float16
+WEIGHT_ONLY_TOL = 5e-3
+FP8_TOL = 2e-2
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def rtn_quantize(w: torch.Tensor, scheme: Scheme):
+    """Round-to-nearest with per-group min/max (asymmetric) or absmax (symmetric) scales."""
+    n, k = w.shape
+    if scheme.weight_is_fp8:
+        return encode(w, w.abs().amax(1, keepdim=True).clamp(min=1e-8) / FP8_MAX, None, scheme)
+    g = scheme.group(k)
+    wg = w.reshape(n, k // g, g)
+    if scheme.symmetric:
+        scale = wg.abs().amax(-1).clamp(min=1e-8) / ((1 << (scheme.bits - 1)) - 1)
+        return encode(w, scale, None, scheme)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = (hi - lo).clamp(min=1e-8) / scheme.qmax
+    return encode(w, scale, torch.round(-lo / scale), scheme)
+
+
+def make_weights(scheme_names: list[str], n: int, k: int, gen: torch.Generator) -> ExpertGemmWeights:
+    """Random experts quantized each in its scheme, copied into the flat layer layout."""
+    schemes = [parse_scheme(name) for name in scheme_names]
+    weights = ExpertGemmWeights.allocate(schemes, n, k)
+    for e, scheme in enumerate(schemes):
+        qw = rtn_quantize(torch.randn(n, k, generator=gen) / k**0.5, scheme)
+        weights.packed_view(e).copy_(qw.packed)
+        weights.scale_view(e).copy_(qw.scale)
+        if qw.zero is not None:
+            weights.zero_view(e).copy_(qw.zero)
+    return weights
+
+
+def make_routing(num_tokens: int, topk: int, num_experts: int, gen: torch.Generator, skip=()):
+    """Distinct experts per token, never one in ``skip`` (those get zero tokens)."""
+    allowed = torch.tensor([e for e in range(num_experts) if e not in skip])
+    picks = torch.stack([torch.randperm(len(allowed), generator=gen)[:topk] for _ in range(num_tokens)])
+    ids = allowed[picks].to(torch.int32)
+    weights = torch.rand(num_tokens, topk, generator=gen).softmax(-1)
+    return ids, weights
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+ALL_SCHEMES_G32 = ["w2g32", "w3g64", "w4g128", "w8", "w4g128_sym", "w8_sym", "w3", "w2g128", "w8a8fp8", "w4a8fp8"]
+ALL_SCHEMES = ["w2g128", "w3g128", "w4g128", "w8", "w4g128_sym", "w8a8fp8", "w4a8fp8", "w3_sym", "w8g128", "w2"]
+
+
+# ---------------------------------------------------------------------------
+# Align
+
+
+@pytest.mark.parametrize(
+    "num_tokens,topk,num_experts,block_m,local",
+    [(1, 2, 4, 16, None), (37, 4, 8, 16, None), (20, 2, 6, 32, [2, -1, 0, -1, 1, -1])],
+)
+def test_align_routing(num_tokens, topk, num_experts, block_m, local):
+    gen = torch.Generator().manual_seed(num_tokens)
+    ids, _ = make_routing(num_tokens, topk, num_experts, gen, skip=(num_experts - 1,))
+    expert_map = None if local is None else torch.tensor(local, dtype=torch.int32)
+    n_local = num_experts if local is None else max(local) + 1
+    r = align_routing(ids, n_local, block_m, expert_map)
+
+    flat = ids.reshape(-1).long()
+    want_expert = flat if expert_map is None else expert_map[flat].long()
+    num_slots = flat.numel()
+    counts = torch.bincount(want_expert[want_expert >= 0], minlength=n_local)
+    blocks = (counts + block_m - 1) // block_m
+    nb = int(r.num_blocks.item())
+    assert nb == int(blocks.sum())
+    assert torch.equal(r.slot_expert.long(), want_expert)
+    # Every M-block's owner, and every local slot exactly once in its expert's blocks.
+    assert torch.equal(r.block_expert[:nb].long(), torch.repeat_interleave(torch.arange(n_local), blocks))
+    rows = r.sorted_ids[: nb * block_m].long()
+    real = rows[rows < num_slots]
+    assert torch.equal(real.sort().values, torch.nonzero(want_expert >= 0).flatten())
+    assert torch.all(rows[rows >= num_slots] == num_slots), "padding rows must hold the sentinel"
+    row_owner = r.block_expert[:nb].long().repeat_interleave(block_m)
+    assert torch.equal(row_owner[rows < num_slots], want_expert[real])
+    assert torch.all(r.block_expert[nb:] == -1)
+
+
+# ---------------------------------------------------------------------------
+# One grouped GEMM, every scheme in one launch
+
+
+@pytest.mark.parametrize(
+    "schemes,k,cfg",
+    [
+        (ALL_SCHEMES_G32, 256, GemmConfig(16, 32, 128, 4, 1, split_k=1)),  # BLOCK_K fitted to 32 by g32
+        (ALL_SCHEMES, 256, GemmConfig(16, 32, 64, 4, 1, split_k=2)),
+    ],
+)
+def test_grouped_gemm_mixed(schemes, k, cfg):
+    from vllm_mxmoe.kernels.configs import fit_block_k
+    from dataclasses import replace
+
+    gen = torch.Generator().manual_seed(k + cfg.split_k)
+    n, topk, tokens = 48, 2, 11  # N not a multiple of BLOCK_N
+    weights = make_weights(schemes, n, k, gen)
+    cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, [parse_scheme(s).group(k) for s in schemes]))
+    # Expert 1 gets no token; 11 tokens * 2 slots spread unevenly over the rest.
+    ids, _ = make_routing(tokens, topk, len(schemes), gen, skip=(1,))
+    x = torch.randn(tokens, k, generator=gen).to(DTYPE)
+    routing = align_routing(ids, len(schemes), cfg.block_m)
+    x_fp8 = quantize_fp8_per_token(x)
+    out = torch.full((cfg.split_k, tokens * topk, n), float("nan"), dtype=torch.float32 if cfg.split_k > 1 else DTYPE)
+    grouped_gemm(x, weights, routing, cfg, a_row_div=topk, a_fp8=x_fp8, out=out)
+    assert not out.isnan().any(), "every slot row of every split must be written"
+    got = out.float().sum(0)
+    flat = ids.reshape(-1)
+    for e in range(len(schemes)):
+        slots = torch.nonzero(flat == e).flatten()
+        if slots.numel() == 0:
+            continue
+        ref = expert_linear(x[slots // topk], weights, e)
+        tol = FP8_TOL if weights.schemes[e].act == "fp8" else WEIGHT_ONLY_TOL
+        err = rel_err(got[slots], ref)
+        print(f"expert {e} ({schemes[e]}): rel err {err:.2e}")
+        assert err < tol, f"expert {e} ({schemes[e]}): rel err {err:.2e}"
+
+
+def test_fp8_per_token_matches_reference():
+    from vllm_mxmoe.kernels.reference import fake_quant_fp8_per_token
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 200, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 1e3, 1.0])[:, None]).to(DTYPE)
+    q, scale = quantize_fp8_per_token(x)
+    assert torch.equal(q.float() * scale[:, None], fake_quant_fp8_per_token(x))
+
+
+# ---------------------------------------------------------------------------
+# The fused layer
+
+
+def _run_layer(tokens, topk, schemes13, schemes2, hidden, inter, seed, expert_map=None, configs=None, skip=()):
+    gen = torch.Generator().manual_seed(seed)
+    w13 = make_weights(schemes13, 2 * inter, hidden, gen)
+    w2 = make_weights(schemes2, hidden, inter, gen)
+    num_global = len(expert_map) if expert_map is not None else len(schemes13)
+    ids, topk_weights = make_routing(tokens, topk, num_global, gen, skip=skip)
+    x = torch.randn(tokens, hidden, generator=gen).to(DTYPE)
+    out = torch.full((tokens, hidden), float("nan"), dtype=DTYPE)
+    mxmoe_fused_experts(x, w13, w2, topk_weights, ids, expert_map, configs=configs, out=out)
+    ref = reference_fused_experts(x, w13, w2, topk_weights, ids, expert_map)
+    assert not out.isnan().any(), "every output element must be written"
+    err = rel_err(out, ref)
+    print(f"rel err {err:.2e}")
+    return err
+
+
+def test_fused_moe_one_token():
+    err = _run_layer(1, 2, ["w4g128", "w3g64", "w2", "w8"], ["w8", "w2g64", "w4g128_sym", "w3"], 128, 128, seed=1)
+    assert err < WEIGHT_ONLY_TOL, err
+
+
+def test_fused_moe_all_schemes_split_k():
+    # 13 tokens (not a tile multiple); experts 2 and 5 get no tokens; every scheme in both GEMMs.
+    s13 = ["w2g128", "w3g128", "w4g128", "w8", "w4g128_sym", "w8a8fp8", "w4a8fp8", "w3_sym"]
+    s2 = ["w8a8fp8", "w4a8fp8", "w8g128", "w2", "w3g128", "w4g128", "w8_sym", "w2g128"]
+    configs = (GemmConfig(16, 64, 64, 4, 1, split_k=2), GemmConfig(16, 64, 64, 4, 1, split_k=2))
+    err = _run_layer(13, 3, s13, s2, 128, 128, seed=2, configs=configs, skip=(2, 5))
+    assert err < FP8_TOL, err
+
+
+def test_fused_moe_expert_map_and_table_config():
+    # 8 global experts, 4 local to this rank; the rest contribute 0. Tile config from the table.
+    expert_map = torch.tensor([-1, 0, -1, 1, 2, -1, 3, -1], dtype=torch.int32)
+    err = _run_layer(9, 2, ["w4g128", "w8a8fp8", "w2g64", "w3"], ["w3g64", "w4g128", "w8", "w4a8fp8"],
+                     128, 128, seed=3, expert_map=expert_map)
+    assert err < FP8_TOL, err
+
+
+def test_fused_moe_block_m_32():
+    configs = (GemmConfig(32, 32, 128, 4, 1), GemmConfig(32, 64, 32, 4, 1))
+    err = _run_layer(21, 2, ["w4g128", "w8", "w2g128"], ["w4g64", "w3g32", "w8"], 128, 64, seed=4, configs=configs)
+    assert err < WEIGHT_ONLY_TOL, err
+
+
+def test_zero_tokens_returns_empty():
+    gen = torch.Generator().manual_seed(5)
+    w13 = make_weights(["w4g128", "w8"], 256, 128, gen)
+    w2 = make_weights(["w4g128", "w8"], 128, 128, gen)
+    x = torch.empty(0, 128, dtype=DTYPE)
+    out = mxmoe_fused_experts(x, w13, w2, torch.empty(0, 2), torch.empty(0, 2, dtype=torch.int32))
+    assert out.shape == (0, 128)
+
+
+# ---------------------------------------------------------------------------
+# Config selection (host only)
+
+
+def test_config_selection():
+    from vllm_mxmoe.kernels.configs import fit_block_k, select_gemm_config
+
+    assert fit_block_k(128, 1408, [128, 1408]) == 128
+    assert fit_block_k(128, 2048, [32, 128]) == 32
+    assert fit_block_k(64, 96 * 4, [96]) == 32  # a group of 96 only fits 32-wide K tiles
+    # Decode: small BLOCK_M, K split so that enough programs stream weights; never more splits than K tiles.
+    decode = select_gemm_config(1, 8, 128, 1536, 2048, [128])
+    assert decode.block_m == 16 and 1 < decode.split_k <= 2048 // decode.block_k
+    assert select_gemm_config(1, 8, 128, 2048, 256, [128]).split_k <= 256 // 128
+    # Prefill: big tiles, no split.
+    prefill = select_gemm_config(8192, 8, 128, 1536, 2048, [128])
+    assert prefill.block_m == 128 and prefill.split_k == 1

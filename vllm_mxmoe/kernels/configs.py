@@ -1,0 +1,95 @@
+"""Tile configurations of the mixed-precision MoE kernels: the one table, and how it is read.
+
+A configuration is chosen from host-side integers only (token count, top-k,
+expert count, GEMM shape, group sizes), never from routing data, so choosing
+costs no host/device sync and CUDA graphs can capture the launches.
+
+BLOCK_M is shared by the alignment step and both GEMMs of a layer (the sorted
+token list is padded per expert to a multiple of it); BLOCK_N, BLOCK_K,
+warps, stages and split-K may differ between the two GEMMs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+
+
+# Rows an expert is expected to see (tokens * topk / experts), upper bound -> tiles.
+# Decode is memory bound: small BLOCK_M (16 is the smallest tl.dot takes), long
+# BLOCK_K for wide loads of packed words, and split-K (below) so that enough
+# programs stream weights at once. Prefill is compute bound: big tiles.
+TILE_TABLE: list[tuple[float, GemmConfig]] = [
+    (4, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)),
+    (16, GemmConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3)),
+    (48, GemmConfig(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3)),
+    (128, GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)),
+    (math.inf, GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+]
+
+# Split K until about this many programs per SM are in flight (decode only):
+# each program streams only BLOCK_N * BLOCK_K packed weights per step, so the
+# memory system needs many of them to reach full bandwidth.
+PROGRAMS_PER_SM = 4
+MAX_SPLIT_K = 8
+_DEFAULT_NUM_SMS = 132  # H100/H200; used when no GPU is visible (CPU interpreter)
+
+
+def expected_rows_per_expert(num_tokens: int, topk: int, num_experts: int) -> float:
+    return num_tokens * topk / max(num_experts, 1)
+
+
+def table_config(num_tokens: int, topk: int, num_experts: int) -> GemmConfig:
+    rows = expected_rows_per_expert(num_tokens, topk, num_experts)
+    for bound, cfg in TILE_TABLE:
+        if rows <= bound:
+            return cfg
+    return TILE_TABLE[-1][1]
+
+
+def fit_block_k(block_k: int, k: int, groups: list[int]) -> int:
+    """Largest power of two <= block_k dividing K and every group size.
+
+    One K tile then lies inside one quantization group, so a tile needs one
+    scale (and zero) per output column. Groups are multiples of 32, so 32 always fits.
+    """
+    while block_k > 32 and (k % block_k or any(g % block_k for g in groups)):
+        block_k //= 2
+    return block_k
+
+
+def num_sms(device: torch.device | None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_NUM_SMS
+
+
+def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n: int, k: int, sms: int) -> int:
+    """Split K in decode so that busy M-blocks x N-blocks x splits fills the GPU."""
+    if cfg.block_m > 16:
+        return 1
+    busy_blocks = min(num_tokens * topk, num_experts)  # every busy expert holds >= 1 M-block
+    programs = busy_blocks * math.ceil(n / cfg.block_n)
+    want = math.ceil(PROGRAMS_PER_SM * sms / max(programs, 1))
+    return max(1, min(want, MAX_SPLIT_K, k // cfg.block_k))
+
+
+def select_gemm_config(
+    num_tokens: int, topk: int, num_experts: int, n: int, k: int, groups: list[int], device=None
+) -> GemmConfig:
+    """The config of one GEMM of a layer (BLOCK_M follows table_config for both)."""
+    cfg = table_config(num_tokens, topk, num_experts)
+    cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, groups))
+    return replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, num_sms(device)))

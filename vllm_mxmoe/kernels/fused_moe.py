@@ -1,0 +1,116 @@
+"""The whole mixed-precision MoE layer on the GPU, same semantics as reference_fused_experts.
+
+    align (3 small kernels) -> [fp8 quant of x] -> GEMM1 gate_up (one launch, all experts)
+    -> silu(gate) * up [+ fp8 quant] (sums split-K partials) -> GEMM2 down x topk weight
+    -> sum over topk (and split-K partials)
+
+No host synchronisation: every shape and launch parameter comes from tensor
+shapes and the (host-side) scheme lists, never from routing data.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .act_quant import quantize_fp8_per_token, silu_and_mul
+from .align import align_routing
+from .configs import GemmConfig, select_gemm_config
+from .grouped_gemm import grouped_gemm, needs_fp8_activations
+from .layout import ExpertGemmWeights
+
+
+@triton.jit
+def _moe_sum_kernel(
+    part_ptr, slot_expert_ptr, out_ptr, N, split_stride,
+    TOPK: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[t] = sum over topk slots (local ones only) and split-K partials of part[s, t*topk + j]."""
+    token = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for j in range(TOPK):
+        slot = token * TOPK + j
+        # Slots of other ranks' experts were never written by GEMM2: skip them.
+        cols = tl.where(tl.load(slot_expert_ptr + slot) >= 0, N, 0)
+        for s in range(SPLIT_K):
+            row = part_ptr + s * split_stride + slot.to(tl.int64) * N
+            acc += tl.load(row + offs_n, mask=offs_n < cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token.to(tl.int64) * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def moe_sum(partials: torch.Tensor, slot_expert: torch.Tensor, topk: int, out: torch.Tensor) -> torch.Tensor:
+    splits, slots, n = partials.shape
+    tokens = slots // topk
+    if tokens:
+        block_n = min(1024, triton.next_power_of_2(n))
+        _moe_sum_kernel[(tokens, triton.cdiv(n, block_n))](
+            partials, slot_expert, out, n, slots * n, TOPK=topk, SPLIT_K=splits, BLOCK_N=block_n
+        )
+    return out
+
+
+def _groups(w: ExpertGemmWeights) -> list[int]:
+    return sorted({s.group(w.k) for s in w.schemes})
+
+
+def select_configs(
+    num_tokens: int, topk: int, w13: ExpertGemmWeights, w2: ExpertGemmWeights, device=None
+) -> tuple[GemmConfig, GemmConfig]:
+    """Configs of (GEMM1, GEMM2) for this token count; both share BLOCK_M (see configs.py)."""
+    e = w13.num_experts
+    cfg1 = select_gemm_config(num_tokens, topk, e, w13.n, w13.k, _groups(w13), device)
+    cfg2 = select_gemm_config(num_tokens, topk, e, w2.n, w2.k, _groups(w2), device)
+    return cfg1, cfg2
+
+
+def mxmoe_fused_experts(
+    hidden_states: torch.Tensor,
+    w13: ExpertGemmWeights,
+    w2: ExpertGemmWeights,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+    *,
+    configs: tuple[GemmConfig, GemmConfig] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert of slot (t, j).
+
+    hidden_states [T, hidden] fp16/bf16; w13: gate_up weights (N = 2 * inter, gate
+    rows first); w2: down weights; expert_map: global -> local expert id (-1: not
+    on this rank, such slots contribute 0). ``configs`` overrides the tile table
+    (GEMM1, GEMM2; same block_m); ``out`` [T, hidden] receives the result.
+    """
+    num_tokens, hidden = hidden_states.shape
+    topk = topk_ids.shape[1]
+    if w13.k != hidden or w2.n != hidden or w2.k * 2 != w13.n:
+        raise ValueError(
+            f"mxmoe_fused_experts: shapes do not chain: hidden={hidden}, w13 [{w13.n}, {w13.k}], w2 [{w2.n}, {w2.k}]"
+        )
+    if w13.num_experts != w2.num_experts:
+        raise ValueError("mxmoe_fused_experts: w13 and w2 hold different expert counts")
+    if out is None:
+        out = torch.empty(num_tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
+    elif tuple(out.shape) != (num_tokens, hidden) or not out.is_contiguous():
+        raise ValueError(f"mxmoe_fused_experts: out must be a contiguous [{num_tokens}, {hidden}] tensor")
+    if num_tokens == 0:
+        return out
+    cfg1, cfg2 = configs or select_configs(num_tokens, topk, w13, w2, hidden_states.device)
+    if cfg1.block_m != cfg2.block_m:
+        raise ValueError("mxmoe_fused_experts: both GEMM configs must share block_m")
+
+    x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
+    routing = align_routing(topk_ids, w13.num_experts, cfg1.block_m, expert_map)
+
+    x_fp8 = quantize_fp8_per_token(x) if needs_fp8_activations(w13) else None
+    gate_up = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x_fp8)
+    act, act_fp8 = silu_and_mul(gate_up, routing.slot_expert, x.dtype, quantize_fp8=needs_fp8_activations(w2))
+    flat_weights = topk_weights.reshape(-1)
+    down = grouped_gemm(act, w2, routing, cfg2, a_fp8=act_fp8, routed_weights=flat_weights)
+    return moe_sum(down, routing.slot_expert, topk, out)
+
+
+__all__ = ["mxmoe_fused_experts", "select_configs", "moe_sum", "GemmConfig"]
