@@ -49,7 +49,8 @@ class VLLMServer:
         raise TimeoutError(f"vllm serve not healthy after {timeout}s:\n{self.output()[-4000:]}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return Path(self.log_path).read_text()
 
     def stop(self, timeout: float = 60) -> int:

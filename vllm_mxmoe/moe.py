@@ -77,6 +77,8 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
         layer.mxmoe_schemes = (gate_up, down)
         layer.mxmoe_global_ids = global_ids
         layer.mxmoe_dims = (hidden, inter)
+        layer.mxmoe_key = f"{self.prefix}#{id(layer)}"
+        _LAYERS[layer.mxmoe_key] = (self, layer)
         layer.mxmoe_loaded = set()
         for stem, weights in (("w13", w13), ("w2", w2)):
             for suffix, tensor in zip(SUFFIXES, (weights.qweight, weights.scales, weights.zeros)):
@@ -185,15 +187,34 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
         return None
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None, **_):
+        # An opaque op: torch.compile (vLLM compiles the model on CPU too) must not
+        # trace the per-expert loop or the kernels' launch code.
+        return torch.ops.mxmoe.fused_experts(x, topk_weights, topk_ids, layer.mxmoe_key)
+
+    def forward_eager(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         w13, w2 = self.gemm_weights(layer)
         emap = compat.expert_map(layer)
         if x.is_cuda:
             from .kernels.fused_moe import mxmoe_fused_experts
 
             return mxmoe_fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map=emap)
-        return reference_fused_experts(
-            x, w13, w2, topk_weights, topk_ids, expert_map=emap, dense=torch.compiler.is_compiling()
-        )
+        return reference_fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map=emap)
+
+
+# Layers by key, so the custom op (whose arguments must be tensors and strings)
+# can find its weights; vLLM keeps its layers alive for the engine's lifetime.
+_LAYERS: dict[str, tuple[MxMoEFusedMoEMethod, torch.nn.Module]] = {}
+
+
+@torch.library.custom_op("mxmoe::fused_experts", mutates_args=())
+def _fused_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_key: str) -> torch.Tensor:
+    method, layer = _LAYERS[layer_key]
+    return method.forward_eager(layer, x, topk_weights, topk_ids)
+
+
+@_fused_experts_op.register_fake
+def _(x, topk_weights, topk_ids, layer_key):
+    return torch.empty_like(x)
 
 
 def _make_dummy_weights_sane(*gemms: ExpertGemmWeights) -> None:

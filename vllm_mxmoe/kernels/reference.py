@@ -1,12 +1,12 @@
 """Torch reference of the mixed-precision MoE: the correctness oracle and the CPU path.
 
 Dequantizes one expert at a time (never the whole layer), computes in float32
-and returns the input dtype. By default tokens are gathered per expert with
-data-dependent indexing (cheap in eager mode on the CPU, where there is no
-device to sync with). ``dense=True`` computes every expert on every token and
-masks by the routing weights instead: E/topk times the work, but no
-data-dependent shapes, so torch.compile can trace it (vLLM's CPU path compiles
-the model unless --enforce-eager). CUDA runs the Triton kernels instead.
+and returns the input dtype. Tokens are gathered per expert with
+data-dependent indexing: cheap on the CPU, where there is no device to sync
+with (the plugin calls this inside an opaque custom op, so torch.compile never
+traces it). ``dense=True`` computes every expert on every token and masks by
+the routing weights instead: E/topk times the work, but no data-dependent
+shapes. CUDA runs the Triton kernels instead.
 """
 
 from __future__ import annotations
