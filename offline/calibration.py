@@ -61,7 +61,8 @@ def load_calibration(
 
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(str(tokenizer_dir)).encode(text)
+    # verbose=False: no "longer than the model takes" warning, the text is cut below
+    ids = AutoTokenizer.from_pretrained(str(tokenizer_dir)).encode(text, verbose=False)
     available = len(ids) // seq_len
     if available == 0:
         raise CalibrationError(

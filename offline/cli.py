@@ -1,16 +1,52 @@
-"""``mxmoe-quantize``: HF MoE checkpoint -> MxMoE checkpoint."""
+"""``mxmoe-quantize``: HF MoE checkpoint -> MxMoE checkpoint.
+
+Two modes:
+
+* MxMoE (``--wbits B --calib FILE``): profile, sensitivity, ILP allocation under
+  a budget of B bits per expert weight, optional Hadamard rotation, GPTQ/RTN
+  (offline.pipeline).
+* Given allocation (``--scheme S`` or ``--scheme-map MAP``): without --calib,
+  plain RTN of the source weights (also shared experts with
+  --shared-expert-scheme); with --calib (and/or --hadamard, --method gptq) the
+  same allocation goes through the pipeline's rotation and GPTQ.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from vllm_mxmoe.schemes import UnknownSchemeError, parse_scheme
+from vllm_mxmoe.schemes import DEFAULT_SCHEMES, UnknownSchemeError, parse_scheme
 
+from .calibration import DEFAULT_CALIB_TOKENS, DEFAULT_SEQ_LEN
 from .export import build_quant_config, export_checkpoint
 from .model_spec import ModelSpecError, inspect_model
+from .pipeline import DEFAULT_BATCH_TOKENS, DEFAULT_R, quantize_mxmoe
+from .profile import DEFAULT_SAMPLE_TOKENS
 from .quant_grid import quantize_rtn
 from .scheme_map import SchemeMapError, load_scheme_map, resolve_scheme_map, uniform_map
+
+
+def _r_value(text: str) -> float | str:
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}")
+    return value
+
+
+def _scheme_list(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    for name in names:
+        try:
+            parse_scheme(name)
+        except UnknownSchemeError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,18 +56,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="Hugging Face model folder (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output folder for the MxMoE checkpoint")
-    p.add_argument("--method", choices=["rtn"], default="rtn", help="weight rounding method")
     which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--wbits", type=float, help="MxMoE: average bits per expert weight (scales/zeros counted)"
+    )
     which.add_argument("--scheme", help="one scheme for every expert block, e.g. w4g128")
     which.add_argument("--scheme-map", help="JSON file with per-layer / per-expert schemes")
     p.add_argument(
+        "--method", choices=["gptq", "rtn"],
+        help="weight rounding (default: gptq with --wbits or --calib, else rtn)",
+    )  # fmt: skip
+    p.add_argument(
         "--shared-expert-scheme",
-        help="also quantize shared-expert linears with this scheme (default: keep them unquantized)",
+        help="also quantize shared-expert linears with this scheme (RTN mode only; default: keep them unquantized)",
     )
+
+    mx = p.add_argument_group("MxMoE pipeline")
+    mx.add_argument("--calib", help="calibration text file (needed for --wbits and --method gptq)")
+    mx.add_argument(
+        "--schemes", type=_scheme_list, default=DEFAULT_SCHEMES,
+        help=f"candidate schemes for --wbits, comma separated (default: {','.join(DEFAULT_SCHEMES)})",
+    )  # fmt: skip
+    mx.add_argument(
+        "--r", type=_r_value, default=DEFAULT_R,
+        help=f"accuracy/speed trade-off in [0, 1] (1: accuracy only) or 'auto' (Pareto knee); default {DEFAULT_R}",
+    )  # fmt: skip
+    mx.add_argument(
+        "--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+        help="tokens per forward pass the time model assumes (expert load = activation frequency x this)",
+    )  # fmt: skip
+    mx.add_argument("--perf-table", help="measured kernel times (JSON from benchmarks/); roofline without")
+    mx.add_argument(
+        "--hadamard", action=argparse.BooleanOptionalAction, default=None,
+        help="rotate the residual stream with a randomized Hadamard before quantizing (default: on in the pipeline)",
+    )  # fmt: skip
+    mx.add_argument("--seed", type=int, default=0, help="seed of the Hadamard signs and of token sampling")
+    mx.add_argument("--granularity", choices=["block", "expert"], default="block",
+                    help="one scheme per block (gate_up, down) or per expert")  # fmt: skip
+    mx.add_argument(
+        "--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, help="calibration tokens to use"
+    )
+    mx.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="calibration sequence length")
+    mx.add_argument(
+        "--sample-tokens", type=int, default=DEFAULT_SAMPLE_TOKENS,
+        help="routed tokens kept per expert to measure sensitivities",
+    )  # fmt: skip
+    mx.add_argument("--cache-dir", help="where profile/sensitivity caches live (default: OUT/cache)")
+    mx.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     return p
 
 
+def _uses_pipeline(args: argparse.Namespace) -> bool:
+    return args.wbits is not None or bool(args.calib) or bool(args.hadamard) or args.method == "gptq"
+
+
 def quantize(args: argparse.Namespace) -> str:
+    """The RTN path: a given allocation, source weights as they are."""
     spec = inspect_model(args.model)
     if args.scheme:
         parse_scheme(args.scheme)
@@ -42,15 +122,46 @@ def quantize(args: argparse.Namespace) -> str:
             raw = {**raw, "shared_experts": args.shared_expert_scheme}
     experts, linears = resolve_scheme_map(raw, spec)
     qcfg = build_quant_config(spec, experts, linears)
-    out = export_checkpoint(args.model, args.out, spec, qcfg, lambda _name, w, scheme: quantize_rtn(w, scheme))
+    out = export_checkpoint(
+        args.model, args.out, spec, qcfg, lambda _name, w, scheme: quantize_rtn(w, scheme)
+    )
     return str(out)
+
+
+def run_pipeline(args: argparse.Namespace) -> str:
+    if args.shared_expert_scheme:
+        raise ValueError(
+            "--shared-expert-scheme works only in the RTN mode (--scheme/--scheme-map without --calib)"
+        )
+    if args.scheme:
+        parse_scheme(args.scheme)
+        scheme_map = uniform_map(args.scheme)
+    elif args.scheme_map:
+        scheme_map = load_scheme_map(args.scheme_map)
+    else:
+        scheme_map = None
+    result = quantize_mxmoe(
+        args.model, args.calib, args.out,
+        wbits=args.wbits, scheme_map=scheme_map, schemes=args.schemes, r=args.r,
+        batch_tokens=args.batch_tokens, perf_table=args.perf_table, method=args.method or "gptq",
+        hadamard=True if args.hadamard is None else args.hadamard, seed=args.seed,
+        granularity=args.granularity, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
+        sample_tokens=args.sample_tokens, cache_dir=args.cache_dir, device=args.device,
+    )  # fmt: skip
+    report = result.report
+    print(
+        f"expert weights: {report['achieved_avg_bits']:.4f} bits on average"
+        + (f" (budget {args.wbits})" if args.wbits is not None else "")
+        + f"; stages: {', '.join(f'{k} {v}' for k, v in result.stages.items())}"
+    )
+    return str(result.out_dir)
 
 
 def quantize_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = quantize(args)
-    except (ModelSpecError, SchemeMapError, UnknownSchemeError, ValueError) as e:
+        out = run_pipeline(args) if _uses_pipeline(args) else quantize(args)
+    except (ModelSpecError, SchemeMapError, UnknownSchemeError, ValueError, OSError) as e:
         print(f"mxmoe-quantize: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -13,6 +13,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+def subprocess_env() -> dict[str, str]:
+    """Environment for vLLM processes: without the test-only Triton interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    return env
+
+
 class VLLMFailed(RuntimeError):
     def __init__(self, returncode: int, output: str):
         super().__init__(f"vLLM exited with {returncode}:\n{output[-4000:]}")
@@ -23,10 +30,9 @@ def vllm_generate(model: Path, prompts: list[list[int]], max_tokens: int, tmp: P
     req = {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, **options}
     req_path = tmp / "vllm_request.json"
     req_path.write_text(json.dumps(req))
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "INFO")}
     proc = subprocess.run(
         [sys.executable, str(HERE / "vllm_generate.py"), str(req_path)],
-        capture_output=True, text=True, timeout=900, env=env,
+        capture_output=True, text=True, timeout=900, env=subprocess_env(),
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

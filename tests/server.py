@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from helpers import subprocess_env
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,7 +32,9 @@ class VLLMServer:
             "--served-model-name", "mxmoe-test", *extra,
         ]  # fmt: skip
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=subprocess_env()
+        )
         self._wait_healthy(startup_timeout)
 
     def _wait_healthy(self, timeout: float) -> None:

@@ -221,6 +221,7 @@ def _make_dummy_weights_sane(*gemms: ExpertGemmWeights) -> None:
     """Dummy loading fills buffers with random bits: scales may be 0 or negative and
     fp8 bytes may be NaN. Keep outputs finite and small, as speed runs need."""
     for weights in gemms:
+        weights.qweight.random_(-(2**31), 2**31 - 1)  # random codes: never time on zeros
         weights.scales.uniform_(1e-3, 2e-3)
         weights.zeros.fill_(1.0)
         for e, scheme in enumerate(weights.schemes):

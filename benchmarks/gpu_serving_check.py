@@ -1,0 +1,113 @@
+"""One GPU call: the plugin inside vLLM's engine on CUDA (vLLM 0.25 + Triton kernels).
+
+  accuracy   perplexity and greedy text of a real MxMoE checkpoint (token windows
+             prepared on the CPU machine, see --prepare), in bf16
+  throughput output tokens/s like `vllm bench throughput` (random 128-token prompts,
+             128 output tokens, CUDA graphs on) for bf16, GPTQ-Marlin w4g128 and MxMoE
+             variants of Qwen1.5-MoE-A2.7B with random weights
+
+Each engine runs in its own subprocess; results go to $OUT as they come.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = Path(os.environ.get("OUT", "."))
+
+
+def run_accuracy(ckpt: str, windows_file: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    data = json.loads(Path(windows_file).read_text())
+    windows = data["windows"]
+    llm = LLM(model=ckpt, quantization="mxmoe", dtype="bfloat16", max_model_len=len(windows[0]) + 64,
+              gpu_memory_utilization=0.3, enable_prefix_caching=False)  # fmt: skip
+    outs = llm.generate([{"prompt_token_ids": w} for w in windows], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    nll = -sum(lp[t].logprob for w, o in zip(windows, outs) for t, lp in zip(w[1:], o.prompt_logprobs[1:]))
+    count = sum(len(w) - 1 for w in windows)
+    import math
+
+    gen = llm.generate([{"prompt_token_ids": p} for p in data["prompts"]], SamplingParams(max_tokens=32, temperature=0))
+    result = {
+        "perplexity_gpu_bf16": math.exp(nll / count), "tokens": count,
+        "perplexity_cpu_fp32": data.get("cpu_perplexity"), "greedy_token_ids": [list(g.outputs[0].token_ids) for g in gen],
+        "greedy_text": [g.outputs[0].text for g in gen],
+    }  # fmt: skip
+    print("RESULT accuracy " + json.dumps(result), flush=True)
+    (OUT / "accuracy.json").write_text(json.dumps(result, indent=1))
+
+
+def run_throughput(model_dir: str, tag: str, batches: list[int]) -> None:
+    import numpy as np
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
+              gpu_memory_utilization=0.85, max_num_seqs=256)  # fmt: skip
+    print(f"RESULT {tag} engine_start_s={time.perf_counter() - t0:.1f}", flush=True)
+    rng = np.random.default_rng(0)
+    res = {}
+    for bs in batches:
+        prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(bs)]
+        sp = SamplingParams(max_tokens=128, min_tokens=128, ignore_eos=True, temperature=0, detokenize=False)
+        warm = SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)
+        llm.generate(prompts[: min(bs, 4)], warm, use_tqdm=False)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        ntok = sum(len(o.outputs[0].token_ids) for o in outs)
+        res[bs] = ntok / dt
+        print(f"RESULT {tag} bs={bs} out_tok_per_s={ntok / dt:.1f} wall={dt:.2f}s", flush=True)
+    (OUT / f"throughput_{tag}.json").write_text(json.dumps(res))
+
+
+def prepare(ckpt: str, text: str, out_file: str, seq_len: int, windows: int) -> None:
+    """On the CPU machine: token windows, prompts and the CPU perplexity to compare with."""
+    from offline.evaluate import perplexity_vllm, token_windows
+
+    w = token_windows(ckpt, text, seq_len, windows)
+    cpu = perplexity_vllm(ckpt, w, enforce_eager=True)
+    Path(out_file).write_text(json.dumps({"windows": w, "prompts": [x[:16] for x in w[:3]], "cpu_perplexity": cpu.perplexity}))
+    print(f"cpu perplexity {cpu.perplexity:.4f} over {cpu.tokens} tokens")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("accuracy"); a.add_argument("ckpt"); a.add_argument("windows")  # noqa: E702
+    t = sub.add_parser("throughput"); t.add_argument("model"); t.add_argument("tag")  # noqa: E702
+    t.add_argument("--batches", default="1,16,64,256")
+    pr = sub.add_parser("prepare"); pr.add_argument("ckpt"); pr.add_argument("text"); pr.add_argument("out")  # noqa: E702
+    pr.add_argument("--seq-len", type=int, default=512); pr.add_argument("--windows", type=int, default=16)  # noqa: E702
+    al = sub.add_parser("all"); al.add_argument("ckpt"); al.add_argument("windows")  # noqa: E702
+    al.add_argument("--variants", default="mxmoe_w4g128,bf16,gptq4_marlin,mxmoe_mixed325")
+    al.add_argument("--batches", default="1,16,64,256")
+    args = p.parse_args()
+    if args.cmd == "accuracy":
+        run_accuracy(args.ckpt, args.windows)
+    elif args.cmd == "throughput":
+        run_throughput(args.model, args.tag, [int(b) for b in args.batches.split(",")])
+    elif args.cmd == "prepare":
+        prepare(args.ckpt, args.text, args.out, args.seq_len, args.windows)
+    else:
+        from benchmarks.speed_configs import write_all
+
+        me = [sys.executable, __file__]
+        subprocess.run(me + ["accuracy", args.ckpt, args.windows], check=False)
+        paths = write_all(Path("/tmp/speed_cfgs"))
+        for tag in args.variants.split(","):
+            subprocess.run(me + ["throughput", str(paths[tag]), tag, "--batches", args.batches], check=False)
+
+
+if __name__ == "__main__":
+    main()

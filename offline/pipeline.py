@@ -1,0 +1,494 @@
+"""The offline MxMoE pipeline: HF MoE checkpoint + calibration text -> MxMoE checkpoint.
+
+    rotate (optional) -> profile -> sensitivity -> allocate (ILP per layer) -> GPTQ/RTN -> export + report
+
+* rotate: a randomized Hadamard rotation of the residual stream, applied to the
+  float32 transformers model BEFORE profiling, so Hessians and sensitivities
+  belong to the rotated weights, which are the ones exported.
+* profile / sensitivity: cached under ``<out>/cache`` (or ``cache_dir``), keyed
+  by a hash of everything they depend on; another --wbits, --r, --granularity
+  or --batch-tokens reuses both.
+* allocate: per MoE layer, ``ilp.allocate`` at a fixed r, or the knee of the
+  Pareto front (r="auto"); times come from the perf model at the tokens each
+  expert sees (activation frequency x batch_tokens).
+* quantize: each block with its scheme through ``sensitivity.quantize_unit``,
+  the same function that measured Δ, so the checkpoint holds what was predicted.
+
+Instead of a budget, an allocation can be given (``scheme_map``: uniform or per
+expert, as ``--scheme`` / ``--scheme-map``); then sensitivity and ILP are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from vllm_mxmoe.format import ExpertLayerSchemes, QuantizedWeight
+from vllm_mxmoe.schemes import DEFAULT_SCHEMES, Scheme, UnknownSchemeError, parse_scheme
+
+from .calibration import (
+    DEFAULT_CALIB_TOKENS,
+    DEFAULT_SEQ_LEN,
+    check_seq_len,
+    load_calibration,
+    model_max_positions,
+)
+from .export import build_quant_config, export_checkpoint
+from .ilp import UNITS, LayerProblem, allocate, knee_point, pareto_front, unit_shapes
+from .model_spec import MoEModelSpec, inspect_model, tensor_names
+from .perf_model import PerfModel
+from .profile import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SAMPLE_TOKENS,
+    MoELayer,
+    ProfileStore,
+    find_moe_layers,
+    profile_model,
+)
+from .report import LayerResult, build_report, plot_report, write_report
+from .rotation import rotate_model_
+from .scheme_map import resolve_scheme_map
+from .sensitivity import METHODS, QuantizedUnit, layer_sensitivity, quantize_unit
+
+# Bump when what the caches hold changes meaning, so old caches are not reused.
+CACHE_VERSION = 1
+DEFAULT_R = 0.75
+DEFAULT_BATCH_TOKENS = 1024
+GRANULARITIES = ("block", "expert")
+
+
+class PipelineError(ValueError):
+    """Options or inputs the pipeline cannot work with; the message says which."""
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Options of quantize_mxmoe; the CLI flags of the same names."""
+
+    wbits: float | None = None  # average bits per expert weight (scales/zeros counted)
+    scheme_map: dict | None = None  # a fixed allocation instead of a budget (scheme_map.py format)
+    schemes: tuple[str, ...] = DEFAULT_SCHEMES  # the allocator's candidates
+    r: float | str = DEFAULT_R  # 1: accuracy only, 0: speed only, "auto": knee of the Pareto front
+    batch_tokens: int = DEFAULT_BATCH_TOKENS  # tokens per forward the time model assumes
+    perf_table: str | None = None  # measured kernel times (JSON); roofline without
+    method: str = "gptq"
+    hadamard: bool = True
+    seed: int = 0  # of the Hadamard signs and the profile's token sampling
+    granularity: str = "block"  # "expert": one scheme for all blocks of an expert
+    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    seq_len: int = DEFAULT_SEQ_LEN
+    sample_tokens: int = DEFAULT_SAMPLE_TOKENS  # routed tokens kept per expert for Δ
+    batch_size: int = DEFAULT_BATCH_SIZE  # calibration sequences per forward
+    cache_dir: str | None = None  # default: <out>/cache
+    device: str | None = None  # default: cuda if available, else cpu
+
+    def validate(self) -> None:
+        if (self.wbits is None) == (self.scheme_map is None):
+            raise PipelineError("give exactly one of wbits (a budget) or scheme_map (a fixed allocation)")
+        if self.wbits is not None and not (
+            isinstance(self.wbits, (int, float)) and math.isfinite(self.wbits)
+        ):
+            raise PipelineError(f"wbits must be a finite number, got {self.wbits!r}")
+        if not self.schemes:
+            raise PipelineError("schemes: need at least one candidate scheme")
+        for name in self.schemes:
+            try:
+                parse_scheme(name)
+            except UnknownSchemeError as e:
+                raise PipelineError(f"--schemes: {e}") from None
+        if len(set(self.schemes)) != len(self.schemes):
+            raise PipelineError(f"--schemes lists a scheme twice: {list(self.schemes)}")
+        if self.r != "auto" and not (isinstance(self.r, (int, float)) and 0.0 <= self.r <= 1.0):
+            raise PipelineError(f"--r must be a number in [0, 1] or 'auto', got {self.r!r}")
+        if self.method not in METHODS:
+            raise PipelineError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.granularity not in GRANULARITIES:
+            raise PipelineError(
+                f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
+            )
+        for name in ("batch_tokens", "calib_tokens", "seq_len", "sample_tokens", "batch_size"):
+            if not getattr(self, name) > 0:
+                raise PipelineError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """RTN with a given allocation needs no statistics; everything else does."""
+        return self.wbits is not None or self.method == "gptq"
+
+
+@dataclass
+class PipelineResult:
+    out_dir: Path
+    report: dict[str, Any]
+    stages: dict[str, str] = field(default_factory=dict)  # stage -> computed | cached | skipped
+
+
+def quantize_mxmoe(model: str | Path, calib: str | Path | None, out: str | Path, **options) -> PipelineResult:
+    """Quantize the HF MoE model in folder ``model`` into an MxMoE checkpoint in ``out``.
+
+    ``options`` are the fields of QuantizeOptions (e.g. wbits=3.25, r="auto").
+    Raises PipelineError / ModelSpecError / CalibrationError (all ValueError)
+    with a message naming the problem.
+    """
+    if "schemes" in options:
+        options["schemes"] = tuple(options["schemes"])
+    opts = QuantizeOptions(**options)
+    opts.validate()
+    if calib is None and opts.needs_calibration:
+        raise PipelineError("a calibration text (--calib) is needed for --wbits and for --method gptq")
+    return _Pipeline(Path(model), None if calib is None else Path(calib), Path(out), opts).run()
+
+
+def check_budget(spec: MoEModelSpec, schemes: tuple[str, ...], wbits: float, granularity: str) -> None:
+    """Raise PipelineError unless some allocation of ``schemes`` meets ``wbits`` in every layer."""
+    hidden, inter = spec.hidden_size, spec.expert_intermediate_size
+    for unit, (n, k) in unit_shapes(hidden, inter).items():
+        for name in schemes:
+            try:
+                parse_scheme(name).check_shape(n, k, where=f"expert {unit} [{n}, {k}]")
+            except ValueError as e:
+                raise PipelineError(f"--schemes: {e}") from None
+    experts = next(iter(spec.expert_layers.values()))
+    zeros = np.zeros((experts, len(UNITS), len(schemes)))
+    lo, hi = LayerProblem.from_shapes(schemes, hidden, inter, zeros, zeros, 1.0).achievable_avg_bits(
+        granularity
+    )
+    if wbits < lo:
+        raise PipelineError(
+            f"--wbits {wbits} is below the cheapest allocation ({lo:.4f} bits per weight, "
+            f"scales and zeros included) of schemes {', '.join(schemes)}"
+        )
+    if wbits > hi:
+        raise PipelineError(
+            f"--wbits {wbits} is above the richest allocation ({hi:.4f} bits per weight) of schemes "
+            f"{', '.join(schemes)}: add a wider scheme or lower the budget"
+        )
+
+
+# ---------------------------------------------------------------------------
+
+
+class _Pipeline:
+    def __init__(self, model_dir: Path, calib: Path | None, out: Path, opts: QuantizeOptions):
+        self.model_dir, self.calib, self.out, self.opts = model_dir, calib, out, opts
+        self.cache = Path(opts.cache_dir) if opts.cache_dir else out / "cache"
+        self.device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.stages: dict[str, str] = {}
+
+    @torch.no_grad()
+    def run(self) -> PipelineResult:
+        opts = self.opts
+        self.spec = spec = inspect_model(self.model_dir)
+        fixed = self._fixed_allocation() if opts.scheme_map is not None else None
+        if fixed is None:  # cheap checks first: fail before hours of profiling
+            check_budget(spec, opts.schemes, opts.wbits, opts.granularity)
+            perf = PerfModel.from_json(opts.perf_table) if opts.perf_table else PerfModel()
+        sequences = self._calibration() if opts.needs_calibration else None
+
+        model, rotation = self._load_model()
+        moe_layers = find_moe_layers(model, spec)
+        store = self._profile(model, moe_layers, sequences) if opts.needs_calibration else None
+        if fixed is None:
+            losses = self._sensitivity(moe_layers, store)
+            layers = self._allocate(moe_layers, store, losses, perf)
+        else:
+            self.stages["sensitivity"] = self.stages["allocate"] = "skipped"
+            layers = self._given(moe_layers, store, fixed)
+        packed = self._quantize(moe_layers, store, layers)
+        self._export(model, rotation, layers, packed)
+        report = self._report(layers, rotation)
+        return PipelineResult(self.out, report, dict(self.stages))
+
+    # -- inputs ---------------------------------------------------------------
+
+    def _fixed_allocation(self) -> dict[str, ExpertLayerSchemes]:
+        raw = self.opts.scheme_map
+        if raw.get("shared_experts") or raw.get("linears"):
+            raise PipelineError(
+                "this pipeline quantizes routed experts only; shared experts / linears need the RTN path "
+                "(--scheme/--scheme-map without --calib)"
+            )
+        experts, _ = resolve_scheme_map(raw, self.spec)
+        return experts
+
+    def _calibration(self) -> torch.Tensor:
+        from transformers import AutoConfig
+
+        max_positions = model_max_positions(AutoConfig.from_pretrained(str(self.model_dir)))
+        check_seq_len(self.opts.seq_len, max_positions)
+        return load_calibration(
+            self.model_dir, self.calib, self.opts.seq_len, self.opts.calib_tokens, max_positions
+        )
+
+    def _load_model(self):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+        model = model.to(self.device).eval()
+        rotation = None
+        if self.opts.hadamard:
+            rotation = rotate_model_(model, seed=self.opts.seed)
+            self.stages["rotate"] = "computed"
+        else:
+            self.stages["rotate"] = "skipped"
+        return model, rotation
+
+    # -- cached stages --------------------------------------------------------
+
+    def _profile_key(self) -> str:
+        o = self.opts
+        return _hash(
+            {
+                "version": CACHE_VERSION,
+                "model": _model_fingerprint(self.model_dir),
+                "calib": _file_sha256(self.calib),
+                "seq_len": o.seq_len,
+                "calib_tokens": o.calib_tokens,
+                "hadamard": o.hadamard,
+                "seed": o.seed,
+                "sample_tokens": o.sample_tokens,
+            }
+        )
+
+    def _profile(self, model, moe_layers: list[MoELayer], sequences: torch.Tensor) -> ProfileStore:
+        store = ProfileStore(self.cache / f"profile-{self._profile_key()}")
+        if store.exists():
+            self.stages["profile"] = "cached"
+            return store
+        self.stages["profile"] = "computed"
+        return profile_model(
+            model, moe_layers, sequences, store, self.opts.sample_tokens, self.opts.batch_size, self.opts.seed
+        )
+
+    def _sensitivity(self, moe_layers: list[MoELayer], store: ProfileStore) -> dict[str, np.ndarray]:
+        o = self.opts
+        key = _hash({"profile": store.folder.name, "schemes": list(o.schemes), "method": o.method})
+        path = self.cache / f"sensitivity-{key}.pt"
+        if path.is_file():
+            self.stages["sensitivity"] = "cached"
+            return {k: v.numpy() for k, v in torch.load(path, weights_only=True)["loss"].items()}
+        self.stages["sensitivity"] = "computed"
+        losses = {}
+        total = sum(layer.experts.gate_up_proj.shape[0] for layer in moe_layers)
+        with tqdm(total=total, desc="sensitivity", unit="expert") as bar:
+            for layer in moe_layers:
+                experts = layer.experts
+                losses[layer.prefix] = layer_sensitivity(
+                    experts.gate_up_proj, experts.down_proj, experts.act_fn,
+                    store.load(layer.prefix), o.schemes, o.method, bar,
+                )  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {"schemes": list(o.schemes), "loss": {k: torch.from_numpy(v) for k, v in losses.items()}}, tmp
+        )
+        tmp.rename(path)
+        return losses
+
+    # -- allocation -----------------------------------------------------------
+
+    def _expected_tokens(
+        self, store: ProfileStore | None, prefix: str, experts: int
+    ) -> tuple[list[int], int, list[float]]:
+        if store is None:
+            return [0] * experts, 0, [0.0] * experts
+        counts, num_tokens = store.counts(prefix).tolist(), store.num_tokens()
+        return counts, num_tokens, [c / num_tokens * self.opts.batch_tokens for c in counts]
+
+    def _allocate(
+        self, moe_layers: list[MoELayer], store: ProfileStore, losses: dict, perf: PerfModel
+    ) -> list[LayerResult]:
+        o = self.opts
+        hidden, inter = self.spec.hidden_size, self.spec.expert_intermediate_size
+        results = []
+        for layer in tqdm(moe_layers, desc="allocate", unit="layer"):
+            loss = losses[layer.prefix]
+            counts, num_tokens, tokens = self._expected_tokens(store, layer.prefix, loss.shape[0])
+            problem = LayerProblem.from_perf_model(o.schemes, hidden, inter, loss, tokens, perf, o.wbits)
+            front = pareto_front(problem, granularity=o.granularity)
+            if o.r == "auto":
+                chosen = knee_point(front).allocation
+            else:
+                chosen = allocate(problem, float(o.r), o.granularity)
+            results.append(
+                LayerResult(
+                    prefix=layer.prefix, gate_up=list(chosen.gate_up), down=list(chosen.down),
+                    counts=counts, num_tokens=num_tokens, tokens=tokens, schemes=list(o.schemes),
+                    loss=problem.loss, time_us=problem.time_us, r=chosen.r, front=front,
+                )
+            )  # fmt: skip
+        self.stages["allocate"] = "computed"
+        return results
+
+    def _given(self, moe_layers, store, fixed: dict[str, ExpertLayerSchemes]) -> list[LayerResult]:
+        results = []
+        for layer in moe_layers:
+            schemes = fixed[layer.prefix]
+            counts, num_tokens, tokens = self._expected_tokens(store, layer.prefix, len(schemes.gate_up))
+            results.append(
+                LayerResult(
+                    layer.prefix, list(schemes.gate_up), list(schemes.down), counts, num_tokens, tokens
+                )
+            )
+        return results
+
+    # -- quantize and write ---------------------------------------------------
+
+    def _quantize(
+        self, moe_layers, store: ProfileStore | None, layers: list[LayerResult]
+    ) -> dict[str, QuantizedWeight]:
+        """Stored tensors of every expert block, by checkpoint module name."""
+        gate_name, up_name, down_name = self.spec.proj_names
+        packed: dict[str, QuantizedWeight] = {}
+        total = sum(len(r.gate_up) for r in layers)
+        with tqdm(total=total, desc=f"quantize ({self.opts.method})", unit="expert") as bar:
+            for layer, result in zip(moe_layers, layers):
+                profile = store.load(layer.prefix) if store is not None else None
+                experts = layer.experts
+                inter = experts.down_proj.shape[2]
+                for e in range(len(result.gate_up)):
+                    base = f"{layer.prefix}.{e}"
+                    gate_up = self._quantize_unit(
+                        experts.gate_up_proj[e], profile, "gate_up", e, result.gate_up[e]
+                    )
+                    packed[f"{base}.{gate_name}"] = gate_up.encode_rows(slice(0, inter))
+                    packed[f"{base}.{up_name}"] = gate_up.encode_rows(slice(inter, 2 * inter))
+                    down = self._quantize_unit(experts.down_proj[e], profile, "down", e, result.down[e])
+                    packed[f"{base}.{down_name}"] = down.encode_rows(slice(None))
+                    bar.update()
+        self.stages["quantize"] = "computed"
+        return packed
+
+    def _quantize_unit(self, weight, profile, unit: str, expert: int, scheme: str) -> QuantizedUnit:
+        if profile is None:  # RTN needs no Hessian
+            hessian = torch.zeros(weight.shape[1], weight.shape[1])
+        else:
+            hessian = (profile.gate_up_hessian if unit == "gate_up" else profile.down_hessian)[expert]
+        return quantize_unit(
+            weight.float(), hessian.to(weight.device), parse_scheme(scheme), self.opts.method
+        )
+
+    def _export(self, model, rotation, layers: list[LayerResult], packed: dict[str, QuantizedWeight]) -> None:
+        experts = {r.prefix: ExpertLayerSchemes(r.gate_up, r.down) for r in layers}
+        qcfg = build_quant_config(self.spec, experts, {}, rotation)
+        source_names = tensor_names(self.model_dir)
+        tensors = _checkpoint_tensors(model)
+        missing = sorted(set(source_names) - set(tensors))
+        if missing:
+            raise PipelineError(
+                f"cannot map {len(missing)} checkpoint tensors onto the transformers model, e.g. {missing[:3]}"
+            )
+        dtypes = _source_dtypes(self.model_dir, source_names)
+
+        def source_tensor(name: str) -> torch.Tensor:
+            if name in experts_names:
+                return tensors[name]  # replaced by its packed tensors below
+            return tensors[name].detach().to("cpu", dtypes[name]).contiguous()
+
+        def quantize_block(module: str, _weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+            qw = packed[module]
+            if qw.scheme != scheme:
+                raise RuntimeError(
+                    f"internal error: {module} quantized as {qw.scheme.name}, config says {scheme.name}"
+                )
+            return qw
+
+        experts_names = {f"{m}.weight" for m in packed}
+        extra = {"tie_word_embeddings": False} if rotation else None
+        export_checkpoint(self.model_dir, self.out, self.spec, qcfg, quantize_block, source_tensor, extra)
+        if rotation and "lm_head.weight" not in source_names:
+            # The source tied lm_head to the embedding; rotation untied it (the final
+            # norm is fused into lm_head only), so the checkpoint needs its own copy.
+            lm_head = tensors["lm_head.weight"].detach().to("cpu", dtypes["model.embed_tokens.weight"])
+            _append_tensors(self.out, {"lm_head.weight": lm_head.contiguous()})
+        self.stages["export"] = "computed"
+
+    def _report(self, layers: list[LayerResult], rotation) -> dict[str, Any]:
+        options = asdict(self.opts)
+        options["schemes"] = list(self.opts.schemes)
+        header = {
+            "model": str(self.model_dir),
+            "calibration": None if self.calib is None else str(self.calib),
+            "options": options,
+            "rotation": rotation or {"kind": "none"},
+            "stages": dict(self.stages),
+            "budget_bits": self.opts.wbits,
+        }
+        report = build_report(layers, self.spec.hidden_size, self.spec.expert_intermediate_size, header)
+        write_report(report, self.out)
+        report["plots"] = [p.name for p in plot_report(report, self.out)]
+        write_report(report, self.out)
+        return report
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _hash(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_fingerprint(model_dir: Path) -> dict:
+    """config.json's content and the weight files' sizes and times (hashing the
+    weights themselves would cost a full read of a large model)."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json"))
+    return {
+        "path": str(model_dir.resolve()),
+        "config": _file_sha256(model_dir / "config.json"),
+        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    }
+
+
+def _checkpoint_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under checkpoint names (per-expert gate/up/down, Mixtral's
+    block_sparse_moe ...): the renaming save_pretrained applies."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, model.state_dict())
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _source_dtypes(model_dir: Path, names: dict[str, str]) -> dict[str, torch.dtype]:
+    """dtype of every source tensor, read from the safetensors headers only."""
+    dtypes = {}
+    for file in sorted(set(names.values())):
+        with safe_open(str(model_dir / file), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                dtypes[name] = _SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()]
+    return dtypes
+
+
+def _append_tensors(out_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Add tensors to a written checkpoint as one more shard listed in its index."""
+    shard = "model-extra.safetensors"
+    save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
+    index_path = out_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for name, tensor in tensors.items():
+        index["weight_map"][name] = shard
+        index["metadata"]["total_size"] += tensor.numel() * tensor.element_size()
+    index_path.write_text(json.dumps(index, indent=2))

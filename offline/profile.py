@@ -1,0 +1,301 @@
+"""Profile a transformers MoE model on calibration sequences, one decoder layer at a time.
+
+Only one layer's activations exist at any time: the inputs of decoder layer 0
+are captured once (the embedding and whatever precedes the first layer), then
+every layer turns its inputs into its outputs, which become the next layer's
+inputs. While an MoE layer runs, a hook on its experts module sees the routing
+exactly as the model computes it (hidden states, top-k ids and weights) and
+records per expert:
+
+* how often the router picked it (top-k counts);
+* the GPTQ Hessian of gate_up, from X_e (the tokens routed to e), and of down,
+  from the intermediate activation act(X_e W_gate^T) * (X_e W_up^T);
+* a uniform random sample of at most ``sample_tokens`` routed tokens and their
+  routing weights, from which the sensitivity stage measures output errors.
+
+Each layer's record is written to a ``ProfileStore`` folder as soon as the
+layer is done, so memory holds one layer's statistics, not the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .gptq import HessianAccumulator
+from .model_spec import MoEModelSpec
+
+DEFAULT_SAMPLE_TOKENS = 512
+DEFAULT_BATCH_SIZE = 8
+_LAYER_INDEX_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass
+class MoELayer:
+    """One MoE layer: its checkpoint experts prefix and its transformers modules."""
+
+    prefix: str  # e.g. model.layers.3.mlp.experts (Mixtral: ...block_sparse_moe.experts)
+    index: int  # decoder layer index
+    experts: nn.Module  # fused experts: gate_up_proj [E, 2I, H], down_proj [E, H, I], act_fn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ProfileError(f"{type(model).__name__}: expected decoder layers at model.model.layers")
+    return layers
+
+
+def find_moe_layers(model: nn.Module, spec: MoEModelSpec) -> list[MoELayer]:
+    """Match the checkpoint's expert layers (spec) with the model's experts modules."""
+    layers = decoder_layers(model)
+    found = []
+    for prefix, num_experts in spec.expert_layers.items():
+        m = _LAYER_INDEX_RE.search(prefix)
+        if m is None or int(m[1]) >= len(layers):
+            raise ProfileError(f"cannot find the decoder layer of experts {prefix}")
+        index = int(m[1])
+        experts = getattr(getattr(layers[index], "mlp", None), "experts", None)
+        gate_up = getattr(experts, "gate_up_proj", None)
+        if not isinstance(gate_up, nn.Parameter) or getattr(experts, "is_transposed", False):
+            raise ProfileError(
+                f"layer {index}: expected fused experts (gate_up_proj [E, 2*inter, hidden]) for {prefix}"
+            )
+        if getattr(experts, "has_bias", False):
+            raise ProfileError(f"layer {index}: experts with biases are not supported")
+        if gate_up.shape[0] != num_experts:
+            raise ProfileError(
+                f"{prefix}: checkpoint has {num_experts} experts, the model {gate_up.shape[0]}"
+            )
+        found.append(MoELayer(prefix, index, experts))
+    return found
+
+
+# ---------------------------------------------------------------------------
+# What is recorded per layer
+
+
+@dataclass
+class LayerProfile:
+    """Calibration statistics of one MoE layer (all tensors on CPU)."""
+
+    prefix: str
+    num_tokens: int  # calibration tokens that passed through the layer
+    counts: torch.Tensor  # int64 [E]: top-k selections per expert
+    gate_up_hessian: torch.Tensor  # float32 [E, H, H], 2 X^T X / n (zeros: expert never routed)
+    down_hessian: torch.Tensor  # float32 [E, I, I]
+    sample_inputs: torch.Tensor  # float32 [E, M, H]: sampled routed tokens, zero padded
+    sample_weights: torch.Tensor  # float32 [E, M]: their routing weights, 0 for padding
+    sample_sizes: torch.Tensor  # int64 [E]: valid rows of sample_inputs
+
+    def samples(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        m = int(self.sample_sizes[expert])
+        return self.sample_inputs[expert, :m], self.sample_weights[expert, :m]
+
+    def activation_frequency(self) -> torch.Tensor:
+        """Share of tokens routed to each expert (sums to top_k)."""
+        return self.counts.double() / max(self.num_tokens, 1)
+
+
+class _ExpertRecorder:
+    """Forward pre-hook on one experts module; accumulates a LayerProfile."""
+
+    def __init__(self, prefix: str, experts: nn.Module, sample_tokens: int, seed: int):
+        self.prefix = prefix
+        self.experts = experts
+        num_experts, two_inter, hidden = experts.gate_up_proj.shape
+        self.num_experts, self.inter = num_experts, two_inter // 2
+        self.num_tokens = 0
+        self.counts = torch.zeros(num_experts, dtype=torch.long)
+        self.gate_up = [HessianAccumulator(hidden) for _ in range(num_experts)]
+        self.down = [HessianAccumulator(self.inter) for _ in range(num_experts)]
+        self.sample_tokens = sample_tokens
+        # per expert (inputs, weights, priorities): the rows with the smallest random
+        # priorities seen so far form a uniform sample without replacement
+        self.samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * num_experts
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, top_k_index, top_k_weights = _routing_arguments(args, kwargs)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        self.num_tokens += hidden.shape[0]
+        ids = top_k_index.reshape(hidden.shape[0], -1)
+        weights = top_k_weights.reshape(hidden.shape[0], -1)
+        valid = ids[(ids >= 0) & (ids < self.num_experts)]  # ids == E marks "no expert" in some routers
+        self.counts += torch.bincount(valid.cpu(), minlength=self.num_experts)
+        for expert in valid.unique().tolist():
+            token, slot = torch.where(ids == expert)
+            x = hidden[token].float()
+            self.gate_up[expert].add(x)
+            gate, up = F.linear(x, self.experts.gate_up_proj[expert].float()).chunk(2, dim=-1)
+            self.down[expert].add(self.experts.act_fn(gate) * up)
+            self._sample(expert, x, weights[token, slot].float())
+
+    def _sample(self, expert: int, x: torch.Tensor, w: torch.Tensor) -> None:
+        priority = torch.rand(x.shape[0], generator=self.generator)
+        x, w = x.cpu(), w.cpu()
+        if self.samples[expert] is not None:
+            old_x, old_w, old_p = self.samples[expert]
+            x, w, priority = torch.cat([old_x, x]), torch.cat([old_w, w]), torch.cat([old_p, priority])
+        if x.shape[0] > self.sample_tokens:
+            keep = torch.topk(priority, self.sample_tokens, largest=False).indices.sort().values
+            x, w, priority = x[keep], w[keep], priority[keep]
+        self.samples[expert] = (x, w, priority)
+
+    def finish(self) -> LayerProfile:
+        hidden = self.experts.gate_up_proj.shape[2]
+        size = max([0] + [s[0].shape[0] for s in self.samples if s is not None])
+        inputs = torch.zeros(self.num_experts, size, hidden)
+        weights = torch.zeros(self.num_experts, size)
+        sizes = torch.zeros(self.num_experts, dtype=torch.long)
+        for e, sample in enumerate(self.samples):
+            if sample is not None:
+                m = sample[0].shape[0]
+                inputs[e, :m], weights[e, :m], sizes[e] = sample[0], sample[1], m
+        return LayerProfile(
+            prefix=self.prefix,
+            num_tokens=self.num_tokens,
+            counts=self.counts.clone(),
+            gate_up_hessian=torch.stack([a.finalize().float().cpu() for a in self.gate_up]),
+            down_hessian=torch.stack([a.finalize().float().cpu() for a in self.down]),
+            sample_inputs=inputs,
+            sample_weights=weights,
+            sample_sizes=sizes,
+        )
+
+
+def _routing_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden_states, top_k_index, top_k_weights) of an experts call, positional or named."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]) :]]
+    if any(v is None for v in values):
+        raise ProfileError(f"experts module called without {names}: cannot observe the routing")
+    return values[0], values[1], values[2]
+
+
+# ---------------------------------------------------------------------------
+# Running the model layer by layer
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _first_layer_inputs(model: nn.Module, sequences: torch.Tensor, batch_size: int, device) -> list[list]:
+    """[hidden_states, other args, kwargs] of decoder layer 0, per batch of sequences."""
+    captured: list[list] = []
+
+    def catch(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append([hidden, tuple(args[1:]), kwargs])
+        raise _StopForward  # the rest of the model runs layer by layer later
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in sequences.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+class ProfileStore:
+    """A folder of per-layer profiles (``layer-XXX.pt``) and ``meta.json`` (counts per layer).
+
+    Written into ``<folder>.tmp`` and renamed when complete, so an interrupted
+    run never leaves a folder that looks finished.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def exists(self) -> bool:
+        return (self.folder / "meta.json").is_file()
+
+    def meta(self) -> dict:
+        return json.loads((self.folder / "meta.json").read_text())
+
+    @property
+    def prefixes(self) -> list[str]:
+        return [layer["prefix"] for layer in self.meta()["layers"]]
+
+    def counts(self, prefix: str) -> torch.Tensor:
+        return torch.tensor(self._layer_meta(prefix)["counts"], dtype=torch.long)
+
+    def num_tokens(self) -> int:
+        return int(self.meta()["num_tokens"])
+
+    def load(self, prefix: str) -> LayerProfile:
+        data = torch.load(self.folder / self._layer_meta(prefix)["file"], weights_only=True)
+        return LayerProfile(**data)
+
+    def _layer_meta(self, prefix: str) -> dict:
+        for layer in self.meta()["layers"]:
+            if layer["prefix"] == prefix:
+                return layer
+        raise KeyError(f"profile {self.folder} has no layer {prefix}")
+
+
+@torch.no_grad()
+def profile_model(
+    model: nn.Module,
+    moe_layers: list[MoELayer],
+    sequences: torch.Tensor,
+    store: ProfileStore,
+    sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+) -> ProfileStore:
+    """Run ``sequences`` [n, seq_len] through ``model`` layer by layer and write the
+    per-MoE-layer statistics to ``store``. Returns the (complete) store."""
+    if sample_tokens < 1:
+        raise ValueError(f"sample_tokens must be >= 1, got {sample_tokens}")
+    model.eval()
+    device = next(model.parameters()).device
+    tmp = store.folder.with_name(store.folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    by_index = {layer.index: layer for layer in moe_layers}
+    last = max(by_index)  # layers after the last MoE layer need not run
+    batches = _first_layer_inputs(model, sequences, batch_size, device)
+    layer_meta = []
+    for index, layer in enumerate(tqdm(decoder_layers(model)[: last + 1], desc="profile", unit="layer")):
+        recorder = handle = None
+        if index in by_index:
+            moe = by_index[index]
+            recorder = _ExpertRecorder(moe.prefix, moe.experts, sample_tokens, seed + index)
+            handle = moe.experts.register_forward_pre_hook(recorder, with_kwargs=True)
+        try:
+            for batch in batches:
+                out = layer(batch[0], *batch[1], **batch[2])
+                batch[0] = out[0] if isinstance(out, tuple) else out
+        finally:
+            if handle is not None:
+                handle.remove()
+        if recorder is not None:
+            profile = recorder.finish()
+            name = f"layer-{index:03d}.pt"
+            torch.save(profile.__dict__, tmp / name)
+            layer_meta.append({"prefix": profile.prefix, "file": name, "counts": profile.counts.tolist()})
+    meta = {"num_tokens": int(sequences.numel()), "layers": layer_meta}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(store.folder, ignore_errors=True)
+    tmp.rename(store.folder)
+    return store

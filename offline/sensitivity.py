@@ -1,0 +1,129 @@
+"""Sensitivity of every (expert, unit, scheme) of an MoE layer (MxMoE step 2).
+
+Δ[e, u, s] = || MoE-layer output with unit u of expert e quantized in scheme s
+             − fp output ||²  summed over the calibration tokens.
+
+Only expert e changes, and the layer adds w_te · y_e(x_t) for each token t
+routed to e (w_te its routing weight), so the output error of token t is
+w_te · (y_e^q(x_t) − y_e(x_t)) and other tokens contribute nothing. Δ is thus
+computed on the expert's own tokens, weighted by w_te². The profile keeps a
+uniform sample of an expert's routed tokens; the sum over the sample is scaled
+by (routed tokens / sampled tokens), an unbiased estimate of the sum over all
+of them. An expert never routed in calibration has Δ = 0.
+
+"Quantized" means exactly what the export will write: GPTQ with the unit's
+Hessian from the profile (or RTN), through ``quantize_unit``, which the
+pipeline also uses to produce the checkpoint's tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vllm_mxmoe.format import QuantizedWeight, dequantize, encode
+from vllm_mxmoe.schemes import Scheme, parse_scheme
+
+from .gptq import run_gptq
+from .ilp import UNITS
+from .profile import LayerProfile
+from .quant_grid import fit_grid
+
+METHODS = ("gptq", "rtn")
+
+
+@dataclass
+class QuantizedUnit:
+    """One unit (gate_up [2I, H] or down [H, I]) after quantization: the dequantized
+    weight and its grid, from which row slices are encoded for the checkpoint."""
+
+    fake_quantized: torch.Tensor  # float32, exactly what the stored tensors dequantize to
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    scheme: Scheme
+
+    def encode_rows(self, rows: slice) -> QuantizedWeight:
+        """Stored tensors of rows `rows` (e.g. gate = the first half of gate_up)."""
+        zero = None if self.zero is None else self.zero[rows]
+        return encode(self.fake_quantized[rows], self.scale[rows], zero, self.scheme)
+
+
+def quantize_unit(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, method: str) -> QuantizedUnit:
+    """GPTQ (with ``hessian``; RTN when it holds no sample) or RTN of one unit's weight [N, K].
+
+    Gate and up are quantized together as one gate_up matrix: they share a
+    scheme and an input Hessian, and GPTQ treats rows independently.
+    """
+    if method == "gptq":
+        result = run_gptq(w, hessian, scheme)
+        return QuantizedUnit(result.fake_quantized, result.scale, result.zero, scheme)
+    if method == "rtn":
+        scale, zero = fit_grid(w, scheme)
+        fake = dequantize(encode(w.detach().float(), scale, zero, scheme), w.shape[1])
+        return QuantizedUnit(fake, scale, zero, scheme)
+    raise ValueError(f"unknown quantization method {method!r} (choose from {', '.join(METHODS)})")
+
+
+def expert_output(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """y = down · (act(gate · x) * (up · x)) for x [T, H], gate_up [2I, H], down [H, I]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(act_fn(gate) * up, down)
+
+
+def weighted_error(y_quant: torch.Tensor, y_ref: torch.Tensor, weights: torch.Tensor) -> float:
+    """Σ_t w_t² ||y_quant[t] − y_ref[t]||², accumulated in float64."""
+    diff = (y_quant - y_ref).detach().double()
+    return float(((weights.double() ** 2) * diff.pow(2).sum(dim=-1)).sum())
+
+
+@torch.no_grad()
+def layer_sensitivity(
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    profile: LayerProfile,
+    schemes: Sequence[str],
+    method: str,
+    progress: tqdm | None = None,
+) -> np.ndarray:
+    """Δ as an array [experts, 2 units (gate_up, down), schemes] (float64, >= 0).
+
+    gate_up [E, 2I, H] and down [E, H, I] are the layer's float weights (the
+    same, rotated or not, that the profile was taken on).
+    """
+    parsed = [parse_scheme(s) for s in schemes]
+    num_experts = gate_up.shape[0]
+    loss = np.zeros((num_experts, len(UNITS), len(parsed)))
+    for e in range(num_experts):
+        x, w = profile.samples(e)
+        if x.shape[0] == 0:  # never routed: no measurable error
+            if progress is not None:
+                progress.update()
+            continue
+        device = gate_up.device
+        x, w = x.to(device), w.to(device)
+        w_gate_up, w_down = gate_up[e].float(), down[e].float()
+        reference = expert_output(x, w_gate_up, w_down, act_fn)
+        # the sample stands for all routed tokens of the expert
+        scale = float(profile.counts[e]) / x.shape[0]
+        hessians = {"gate_up": profile.gate_up_hessian[e], "down": profile.down_hessian[e]}
+        for s, scheme in enumerate(parsed):
+            for u, unit in enumerate(UNITS):
+                weight = w_gate_up if unit == "gate_up" else w_down
+                fake = quantize_unit(weight, hessians[unit].to(device), scheme, method).fake_quantized
+                y = (
+                    expert_output(x, fake, w_down, act_fn)
+                    if unit == "gate_up"
+                    else expert_output(x, w_gate_up, fake, act_fn)
+                )
+                loss[e, u, s] = scale * weighted_error(y, reference, w)
+        if progress is not None:
+            progress.update()
+    return loss

@@ -1,0 +1,285 @@
+"""The offline MxMoE pipeline (offline.pipeline, mxmoe-quantize --wbits) on tiny random models.
+
+One pipeline run on a tiny Qwen3-MoE (tied embeddings, so the rotation must
+write lm_head; expert 0 of layer 0 never routed) is shared by most tests; a
+second run with another budget must come from the caches. One slow test serves
+the output of the full command with vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import hf_greedy, vllm_generate
+from safetensors import safe_open
+from tiny_models import REFERENCE_MOE, TOKENIZER_FILES, build_tiny_model, make_config
+
+from offline import pipeline as pipeline_module
+from offline.calibration import CalibrationError
+from offline.cli import quantize_main
+from offline.dequantize import dequantize_checkpoint
+from offline.ilp import unit_shapes
+from offline.model_spec import ModelSpecError, tensor_names
+from offline.pipeline import PipelineError, quantize_mxmoe
+from offline.profile import ProfileStore
+from offline.rotation import rotate_model_
+from offline.sensitivity import expert_output, quantize_unit, weighted_error
+from vllm_mxmoe.format import read_quant_config
+from vllm_mxmoe.schemes import parse_scheme
+
+CORPUS = REFERENCE_MOE.parent / "corpus" / "calib.txt"
+# Small calibration for speed: 8 sequences of 128 tokens, 128 sampled tokens per expert.
+FAST = {"calib_tokens": 1024, "seq_len": 128, "sample_tokens": 128}
+UNROUTED = 0  # expert of layer 0 the router can never pick
+
+
+def build_tied_model(out_dir: Path) -> Path:
+    """Tiny Qwen3-MoE with tied embeddings whose layer-0 router never picks expert 0.
+
+    Router rows (a, -a, b, -b) give every token at least two positive logits, and
+    expert 0's row is 0, so with top-2 routing it is never chosen.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = make_config("qwen3_moe")
+    cfg.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.05)
+        router = model.model.layers[0].mlp.gate.weight
+        router[UNROUTED] = 0.0
+        router[2], router[4] = -router[1], -router[3]
+    model.save_pretrained(out_dir)
+    for name in TOKENIZER_FILES:
+        shutil.copy(REFERENCE_MOE / name, out_dir / name)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(CORPUS.read_text()[:120_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return build_tied_model(tmp_path_factory.mktemp("tied") / "fp")
+
+
+@pytest.fixture(scope="module")
+def run(source, calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mx") / "q"
+    return quantize_mxmoe(source, calib, out, wbits=3.25, r=1.0, **FAST)
+
+
+def test_budget_met_exactly_as_counted(run):
+    qcfg = read_quant_config(str(run.out_dir))
+    cfg = json.loads((run.out_dir / "config.json").read_text())
+    shapes = unit_shapes(cfg["hidden_size"], cfg["moe_intermediate_size"])
+    total_bits = total_elements = 0
+    for prefix, layer in qcfg.experts.items():
+        bits = sum(parse_scheme(s).storage_bits(*shapes["gate_up"]) for s in layer.gate_up)
+        bits += sum(parse_scheme(s).storage_bits(*shapes["down"]) for s in layer.down)
+        elements = len(layer.gate_up) * 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"]
+        assert bits <= 3.25 * elements, prefix  # every layer within the budget, exactly counted
+        total_bits += bits
+        total_elements += elements
+    assert run.report["achieved_avg_bits"] == total_bits / total_elements
+    assert run.report["achieved_avg_bits"] > 3.25 - 0.1  # the budget is used, not wasted
+    used = {s for layer in qcfg.experts.values() for s in layer.gate_up + layer.down}
+    assert len(used) >= 2  # a mixed allocation
+    assert set(run.report["plots"]) == {"bits_heatmap.png", "activation_frequency.png", "pareto_front.png"}
+
+
+def test_second_run_reuses_profile_and_sensitivity(run, source, calib, tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("stage re-run although cached")
+
+    monkeypatch.setattr(pipeline_module, "profile_model", must_not_run)
+    monkeypatch.setattr(pipeline_module, "layer_sensitivity", must_not_run)
+    again = quantize_mxmoe(
+        source, calib, tmp_path / "q2", wbits=2.75, r="auto", cache_dir=str(run.out_dir / "cache"), **FAST
+    )
+    assert again.stages["profile"] == again.stages["sensitivity"] == "cached"
+    assert run.stages["profile"] == run.stages["sensitivity"] == "computed"
+    assert again.report["achieved_avg_bits"] <= 2.75
+
+
+def test_rotated_gptq_export_is_what_the_pipeline_predicted(run, source):
+    """Dequantized checkpoint = GPTQ of the rotated weights with the profiled Hessians,
+    and the Δ measured on it is the Δ the allocator was given."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    rotate_model_(model, seed=0)
+    store = ProfileStore(next((run.out_dir / "cache").glob("profile-*")))
+    deq = dequantize_checkpoint(run.out_dir, run.out_dir.parent / "dq")
+    names = tensor_names(deq)
+    handles = {f: safe_open(str(deq / f), "pt") for f in set(names.values())}
+
+    def exported(name):
+        return handles[names[name]].get_tensor(name)
+
+    for layer_entry in run.report["layers"]:
+        prefix = layer_entry["prefix"]
+        experts = model.model.layers[int(prefix.split(".")[2])].mlp.experts
+        profile = store.load(prefix)
+        inter = experts.down_proj.shape[2]
+        for e in (0, 3):
+            entry = layer_entry["experts"][e]
+            gate_up = quantize_unit(
+                experts.gate_up_proj[e],
+                profile.gate_up_hessian[e],
+                parse_scheme(entry["gate_up"]["scheme"]),
+                "gptq",
+            ).fake_quantized
+            down = quantize_unit(
+                experts.down_proj[e], profile.down_hessian[e], parse_scheme(entry["down"]["scheme"]), "gptq"
+            ).fake_quantized
+            base = f"{prefix}.{e}"
+            assert torch.equal(exported(f"{base}.gate_proj.weight"), gate_up[:inter])
+            assert torch.equal(exported(f"{base}.up_proj.weight"), gate_up[inter:])
+            assert torch.equal(exported(f"{base}.down_proj.weight"), down)
+            # Δ of the exported down block, measured again, is the predicted one
+            x, w = profile.samples(e)
+            if x.shape[0]:
+                w_gu, w_down = experts.gate_up_proj[e], experts.down_proj[e]
+                ref = expert_output(x, w_gu, w_down, experts.act_fn)
+                delta = weighted_error(expert_output(x, w_gu, down, experts.act_fn), ref, w)
+                delta *= float(profile.counts[e]) / x.shape[0]
+                assert delta == pytest.approx(entry["down"]["predicted_loss"], rel=1e-6)
+    # rotated, non-expert tensors (lm_head untied and written) come from the rotated model
+    torch.testing.assert_close(exported("lm_head.weight"), model.lm_head.weight, rtol=0, atol=0)
+    assert json.loads((run.out_dir / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_unrouted_expert_gets_finite_rtn_weights(run, source):
+    layer0 = run.report["layers"][0]
+    expert = layer0["experts"][UNROUTED]
+    assert expert["activation_frequency"] == 0
+    assert expert["gate_up"]["predicted_loss"] == expert["down"]["predicted_loss"] == 0
+    deq = dequantize_checkpoint(run.out_dir, run.out_dir.parent / "dq_unrouted")
+    names = tensor_names(deq)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        name = f"{layer0['prefix']}.{UNROUTED}.{proj}.weight"
+        with safe_open(str(deq / names[name]), "pt") as f:
+            weight = f.get_tensor(name)
+        assert torch.isfinite(weight).all() and weight.abs().sum() > 0
+
+
+def test_quantized_model_tracks_the_original(run, source):
+    """Same function as the source up to quantization noise: rotation and lm_head are right."""
+    from transformers import AutoModelForCausalLM
+
+    deq = dequantize_checkpoint(run.out_dir, run.out_dir.parent / "dq_logits")
+    ids = torch.tensor([[5, 17, 300, 42, 7, 1999, 100, 200]])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32)(ids).logits
+    assert torch.isfinite(got).all()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.95
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "olmoe", "deepseek_v2"])
+def test_rotated_gptq_w8_keeps_every_architecture(arch, calib, tmp_path):
+    """Uniform w8 through rotation + GPTQ: the checkpoint computes what the source does."""
+    from transformers import AutoModelForCausalLM
+
+    src = build_tiny_model(arch, tmp_path / "fp")
+    out = quantize_mxmoe(src, calib, tmp_path / "q", scheme_map={"gate_up": "w8", "down": "w8"}, **FAST)
+    assert out.stages["sensitivity"] == "skipped"
+    deq = dequantize_checkpoint(out.out_dir, tmp_path / "dq")
+    ids = torch.tensor([[5, 17, 300, 42, 7, 1999]])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32)(ids).logits
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def test_budget_outside_the_schemes_is_rejected(source, calib, tmp_path):
+    with pytest.raises(PipelineError, match="below the cheapest"):
+        quantize_mxmoe(source, calib, tmp_path / "a", wbits=2.0, **FAST)
+    with pytest.raises(PipelineError, match="above the richest"):
+        quantize_mxmoe(source, calib, tmp_path / "b", wbits=4.5, schemes=["w2g128", "w4g128"], **FAST)
+
+
+def test_unknown_scheme_is_rejected(source, calib, tmp_path, capsys):
+    with pytest.raises(PipelineError, match="unknown scheme 'w5g128'"):
+        quantize_mxmoe(source, calib, tmp_path / "a", wbits=3.0, schemes=["w2g128", "w5g128"], **FAST)
+    with pytest.raises(SystemExit):  # argparse rejects it at the command line
+        quantize_main(["--model", str(source), "--calib", str(calib), "--wbits", "3", "--schemes", "w5g128",
+                       "--out", str(tmp_path / "b")])  # fmt: skip
+    assert "w5g128" in capsys.readouterr().err
+
+
+def test_wbits_and_scheme_are_mutually_exclusive(source, tmp_path):
+    with pytest.raises(SystemExit):
+        quantize_main(["--model", str(source), "--wbits", "3", "--scheme", "w4g128", "--out", str(tmp_path)])
+
+
+def test_calibration_errors(source, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    with pytest.raises(CalibrationError, match="empty"):
+        quantize_mxmoe(source, empty, tmp_path / "a", wbits=3.25, **FAST)
+    with pytest.raises(CalibrationError, match="too short"):
+        quantize_mxmoe(source, short, tmp_path / "b", wbits=3.25, **FAST)
+    with pytest.raises(CalibrationError, match="max_position_embeddings=512"):
+        quantize_mxmoe(source, short, tmp_path / "c", wbits=3.25, **{**FAST, "seq_len": 1024})
+    with pytest.raises(PipelineError, match="--calib"):
+        quantize_mxmoe(source, None, tmp_path / "d", wbits=3.25, **FAST)
+
+
+def test_model_without_moe_layers_is_rejected(calib, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config("qwen3_moe")
+    cfg.mlp_only_layers = list(range(cfg.num_hidden_layers))  # dense MLPs everywhere
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
+    with pytest.raises(ModelSpecError, match="no MoE expert weights"):
+        quantize_mxmoe(tmp_path / "dense", calib, tmp_path / "q", wbits=3.25, **FAST)
+    code = quantize_main(["--model", str(tmp_path / "dense"), "--calib", str(calib), "--wbits", "3.25",
+                          "--out", str(tmp_path / "q")])  # fmt: skip
+    assert code == 2
+
+
+def test_scheme_without_calibration_keeps_the_rtn_path(source, tmp_path):
+    assert quantize_main(["--model", str(source), "--scheme", "w4g128", "--out", str(tmp_path / "q")]) == 0
+    assert not (tmp_path / "q" / "report.json").exists()  # the plain RTN export, no pipeline
+    assert read_quant_config(str(tmp_path / "q")).rotation == {"kind": "none"}
+
+
+# -- end to end -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mxmoe_quantize_command_output_serves_in_vllm(source, calib, tmp_path):
+    out = tmp_path / "q"
+    argv = ["--model", str(source), "--calib", str(calib), "--wbits", "3.25", "--r", "auto",
+            "--calib-tokens", "1024", "--seq-len", "128", "--out", str(out)]  # fmt: skip
+    assert quantize_main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["achieved_avg_bits"] <= 3.25 and report["rotation"]["kind"] == "hadamard"
+
+    prompts = [[5, 17, 300, 42, 7, 1999], [100, 200, 300]]
+    got = vllm_generate(out, prompts, 8, tmp_path)
+    deq = dequantize_checkpoint(out, tmp_path / "dq")
+    for result, prompt in zip(got, prompts):
+        tokens, logprobs = hf_greedy(deq, prompt, 8)
+        assert result["token_ids"] == tokens
+        torch.testing.assert_close(
+            torch.tensor(result["logprobs"]), torch.tensor(logprobs), atol=2e-3, rtol=1e-3
+        )
