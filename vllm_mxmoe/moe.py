@@ -80,10 +80,11 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
         layer.mxmoe_key = f"{self.prefix}#{id(layer)}"
         _LAYERS[layer.mxmoe_key] = (self, layer)
         layer.mxmoe_loaded = set()
+        loader = self._make_loader(layer)
         for stem, weights in (("w13", w13), ("w2", w2)):
             for suffix, tensor in zip(SUFFIXES, (weights.qweight, weights.scales, weights.zeros)):
                 param = torch.nn.Parameter(tensor, requires_grad=False)
-                param.weight_loader = self._make_loader(layer)
+                param.weight_loader = loader
                 layer.register_parameter(f"{stem}_{suffix}", param)
             layer.register_buffer(f"{stem}_mxmoe_meta", weights.meta, persistent=False)
         logger.info(
