@@ -22,7 +22,7 @@ from .calibration import DEFAULT_CALIB_TOKENS, DEFAULT_SEQ_LEN
 from .export import build_quant_config, export_checkpoint
 from .model_spec import ModelSpecError, inspect_model
 from .pipeline import DEFAULT_BATCH_TOKENS, DEFAULT_R, quantize_mxmoe
-from .profile import DEFAULT_SAMPLE_TOKENS
+from .profile import DEFAULT_HOLDOUT, DEFAULT_SAMPLE_TOKENS
 from .quant_grid import quantize_rtn
 from .scheme_map import SchemeMapError, load_scheme_map, resolve_scheme_map, uniform_map
 
@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-tokens", type=int, default=DEFAULT_SAMPLE_TOKENS,
         help="routed tokens kept per expert to measure sensitivities",
     )  # fmt: skip
+    mx.add_argument(
+        "--holdout", type=float, default=DEFAULT_HOLDOUT,
+        help="share of calibration sequences that measure sensitivities instead of fitting GPTQ "
+        "(0: measure on GPTQ's own tokens, which flatters GPTQ on rarely routed experts)",
+    )  # fmt: skip
     mx.add_argument("--cache-dir", help="where profile/sensitivity caches live (default: OUT/cache)")
     mx.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     return p
@@ -146,7 +151,7 @@ def run_pipeline(args: argparse.Namespace) -> str:
         batch_tokens=args.batch_tokens, perf_table=args.perf_table, method=args.method or "gptq",
         hadamard=True if args.hadamard is None else args.hadamard, seed=args.seed,
         granularity=args.granularity, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
-        sample_tokens=args.sample_tokens, cache_dir=args.cache_dir, device=args.device,
+        sample_tokens=args.sample_tokens, holdout=args.holdout, cache_dir=args.cache_dir, device=args.device,
     )  # fmt: skip
     report = result.report
     print(

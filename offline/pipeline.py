@@ -5,6 +5,8 @@
 * rotate: a randomized Hadamard rotation of the residual stream, applied to the
   float32 transformers model BEFORE profiling, so Hessians and sensitivities
   belong to the rotated weights, which are the ones exported.
+* profile: Hessians from most calibration sequences, sensitivity samples from
+  the held-out rest (``holdout``), so Δ is GPTQ's error on unseen tokens.
 * profile / sensitivity: cached under ``<out>/cache`` (or ``cache_dir``), keyed
   by a hash of everything they depend on; another --wbits, --r, --granularity
   or --batch-tokens reuses both.
@@ -49,6 +51,7 @@ from .model_spec import MoEModelSpec, inspect_model, tensor_names
 from .perf_model import PerfModel
 from .profile import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_HOLDOUT,
     DEFAULT_SAMPLE_TOKENS,
     MoELayer,
     ProfileStore,
@@ -61,7 +64,7 @@ from .scheme_map import resolve_scheme_map
 from .sensitivity import METHODS, QuantizedUnit, layer_sensitivity, quantize_unit
 
 # Bump when what the caches hold changes meaning, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_R = 0.75
 DEFAULT_BATCH_TOKENS = 1024
 GRANULARITIES = ("block", "expert")
@@ -88,6 +91,7 @@ class QuantizeOptions:
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS  # routed tokens kept per expert for Δ
+    holdout: float = DEFAULT_HOLDOUT  # share of calibration sequences measuring Δ, not fitting GPTQ
     batch_size: int = DEFAULT_BATCH_SIZE  # calibration sequences per forward
     cache_dir: str | None = None  # default: <out>/cache
     device: str | None = None  # default: cuda if available, else cpu
@@ -119,6 +123,13 @@ class QuantizeOptions:
         for name in ("batch_tokens", "calib_tokens", "seq_len", "sample_tokens", "batch_size"):
             if not getattr(self, name) > 0:
                 raise PipelineError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise PipelineError(f"--holdout must be in [0, 1), got {self.holdout}")
+
+    @property
+    def effective_holdout(self) -> float:
+        """Held-out tokens only measure sensitivities; a given allocation needs none."""
+        return self.holdout if self.scheme_map is None else 0.0
 
     @property
     def needs_calibration(self) -> bool:
@@ -257,6 +268,7 @@ class _Pipeline:
                 "hadamard": o.hadamard,
                 "seed": o.seed,
                 "sample_tokens": o.sample_tokens,
+                "holdout": o.effective_holdout,
             }
         )
 
@@ -266,8 +278,9 @@ class _Pipeline:
             self.stages["profile"] = "cached"
             return store
         self.stages["profile"] = "computed"
+        o = self.opts
         return profile_model(
-            model, moe_layers, sequences, store, self.opts.sample_tokens, self.opts.batch_size, self.opts.seed
+            model, moe_layers, sequences, store, o.sample_tokens, o.batch_size, o.seed, o.effective_holdout
         )
 
     def _sensitivity(self, moe_layers: list[MoELayer], store: ProfileStore) -> dict[str, np.ndarray]:

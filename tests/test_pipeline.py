@@ -19,13 +19,13 @@ from safetensors import safe_open
 from tiny_models import REFERENCE_MOE, TOKENIZER_FILES, build_tiny_model, make_config
 
 from offline import pipeline as pipeline_module
-from offline.calibration import CalibrationError
+from offline.calibration import CalibrationError, load_calibration
 from offline.cli import quantize_main
 from offline.dequantize import dequantize_checkpoint
 from offline.ilp import unit_shapes
-from offline.model_spec import ModelSpecError, tensor_names
+from offline.model_spec import ModelSpecError, inspect_model, tensor_names
 from offline.pipeline import PipelineError, quantize_mxmoe
-from offline.profile import ProfileStore
+from offline.profile import ProfileStore, find_moe_layers, holdout_mask, profile_model
 from offline.rotation import rotate_model_
 from offline.sensitivity import expert_output, quantize_unit, weighted_error
 from vllm_mxmoe.format import read_quant_config
@@ -202,6 +202,24 @@ def test_rotated_gptq_w8_keeps_every_architecture(arch, calib, tmp_path):
         ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)(ids).logits
         got = AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32)(ids).logits
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_sensitivity_tokens_are_held_out_from_the_hessians(source, calib, tmp_path):
+    """Hessians come from the fitting sequences only, counts and samples from all / the held-out ones."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    layers = find_moe_layers(model, inspect_model(source))
+    sequences = load_calibration(source, calib, seq_len=64, num_tokens=8 * 64)
+    held_out = holdout_mask(len(sequences), 0.25)
+    assert held_out.sum() == 2
+    split = profile_model(model, layers, sequences, ProfileStore(tmp_path / "split"), holdout=0.25)
+    fit_only = profile_model(model, layers, sequences[~held_out], ProfileStore(tmp_path / "fit"), holdout=0)
+    a, b = split.load(layers[1].prefix), fit_only.load(layers[1].prefix)
+    torch.testing.assert_close(a.gate_up_hessian, b.gate_up_hessian)
+    torch.testing.assert_close(a.down_hessian, b.down_hessian)
+    assert a.counts.sum() == 2 * 8 * 64 and b.counts.sum() == 2 * 6 * 64  # top-2 of all tokens
+    assert a.sample_sizes.sum() == 2 * 2 * 64  # every routed token of the 2 held-out sequences
 
 
 # -- errors ---------------------------------------------------------------------------
