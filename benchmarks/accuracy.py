@@ -18,6 +18,7 @@ Configurations (names for --only):
   ablation-3.25-expert             one scheme per expert instead of per block
   ablation-3.25-no-hadamard        without the rotation
   ablation-3.25-rtn                RTN instead of GPTQ (sensitivity measured with RTN too)
+  ablation-{3.25,2.25}-holdout     sensitivities on 25% held-out calibration sequences (GPTQ fits the rest)
 
 The profile and sensitivity caches are shared between configurations
 (--work/cache). Results go to benchmarks/results/accuracy_<date>.{json,md},
@@ -66,6 +67,8 @@ def configurations() -> dict[str, dict | None]:
     configs["ablation-3.25-expert"] = {**mx, "wbits": 3.25, "r": 1.0, "granularity": "expert"}
     configs["ablation-3.25-no-hadamard"] = {**mx, "wbits": 3.25, "r": 1.0, "hadamard": False}
     configs["ablation-3.25-rtn"] = {**mx, "wbits": 3.25, "r": 1.0, "method": "rtn"}
+    for wbits in (3.25, 2.25):
+        configs[f"ablation-{wbits}-holdout"] = {**mx, "wbits": wbits, "r": 1.0, "holdout": 0.25}
     return configs
 
 
@@ -78,6 +81,7 @@ def describe(options: dict | None) -> dict:
             "budget": None,
             "r": None,
             "granularity": "-",
+            "holdout": "-",
         }
     fixed = options.get("scheme_map")
     return {
@@ -86,6 +90,7 @@ def describe(options: dict | None) -> dict:
         "schemes": fixed["gate_up"] if fixed else ",".join(options["schemes"]),
         "budget": options.get("wbits"),
         "r": options.get("r"),
+        "holdout": options.get("holdout", 0.0) if not fixed else "-",
         "granularity": options.get("granularity", "block") if not fixed else "-",
     }
 
@@ -170,14 +175,18 @@ def write_results(rows: dict[str, dict], args, command: str, path_stem: Path) ->
             f"MxMoE candidates: {', '.join(MXMOE_SCHEMES)}; perf model: H200 roofline, 1024 tokens per batch."
         ),
         "",
-        "| config | method | Hadamard | schemes | budget | r | granularity | avg bits | perplexity | Δ vs bf16 | quantize s | eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        (
+            "| config | method | Hadamard | schemes | budget | r | granularity | holdout | avg bits | perplexity "
+            "| Δ vs bf16 | quantize s | eval s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows.values():
         delta = "" if base is None else f"{row['perplexity'] - base:+.3f}"
         lines.append(
             f"| {row['name']} | {row['method']} | {row['hadamard']} | {row['schemes']} | {row['budget'] or ''} | "
-            f"{'' if row['r'] is None else row['r']} | {row['granularity']} | {row['avg_bits']:.4f} | "
+            f"{'' if row['r'] is None else row['r']} | {row['granularity']} | {row['holdout']} | "
+            f"{row['avg_bits']:.4f} | "
             f"{row['perplexity']:.3f} | {delta} | {row.get('quantize_s', '')} | {row['eval_s']} |"
         )
     lines += ["", "Goals (from the issue):", ""] + [f"- {g}" for g in goals(rows)] + [""]
