@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     mx.add_argument(
         "--holdout", type=float, default=DEFAULT_HOLDOUT,
-        help="share of calibration sequences that measure sensitivities instead of fitting GPTQ "
-        "(0: measure on GPTQ's own tokens, which flatters GPTQ on rarely routed experts)",
+        help="share of calibration sequences that only measure sensitivities, not fit GPTQ "
+        "(default 0: measure on GPTQ's own tokens, as the paper does)",
     )  # fmt: skip
     mx.add_argument("--cache-dir", help="where profile/sensitivity caches live (default: OUT/cache)")
     mx.add_argument("--device", help="torch device (default: cuda if available, else cpu)")

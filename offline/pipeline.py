@@ -5,8 +5,9 @@
 * rotate: a randomized Hadamard rotation of the residual stream, applied to the
   float32 transformers model BEFORE profiling, so Hessians and sensitivities
   belong to the rotated weights, which are the ones exported.
-* profile: Hessians from most calibration sequences, sensitivity samples from
-  the held-out rest (``holdout``), so Δ is GPTQ's error on unseen tokens.
+* profile: Hessians and sensitivity samples from the calibration tokens, or
+  (``holdout`` > 0) samples from held-out sequences only, so that Δ is GPTQ's
+  error on tokens it did not fit.
 * profile / sensitivity: cached under ``<out>/cache`` (or ``cache_dir``), keyed
   by a hash of everything they depend on; another --wbits, --r, --granularity
   or --batch-tokens reuses both.

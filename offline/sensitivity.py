@@ -7,8 +7,8 @@ Only expert e changes, and the layer adds w_te · y_e(x_t) for each token t
 routed to e (w_te its routing weight), so the output error of token t is
 w_te · (y_e^q(x_t) − y_e(x_t)) and other tokens contribute nothing. Δ is thus
 computed on the expert's own tokens, weighted by w_te². The profile keeps a
-uniform sample of an expert's routed tokens from held-out calibration sequences
-(not those GPTQ fitted; see profile.py); the sum over the sample is scaled by
+uniform sample of an expert's routed tokens (optionally from held-out
+calibration sequences that GPTQ did not fit; see profile.py); the sum over the sample is scaled by
 (routed tokens / sampled tokens), an unbiased estimate of the sum over all of
 them. An expert with no sampled token (never routed) has Δ = 0.
 
