@@ -25,6 +25,15 @@ QWEN15_MOE = dict(
     tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151643,
     use_sliding_window=False, output_router_logits=False, qkv_bias=True,
 )  # fmt: skip
+QWEN3_30B_A3B = dict(
+    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+    intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+    mlp_only_layers=[], norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16", attention_bias=False,
+    bos_token_id=151643, eos_token_id=151645, use_sliding_window=False, output_router_logits=False,
+)  # fmt: skip
+CONFIGS = {"qwen1.5-moe-a2.7b": QWEN15_MOE, "qwen3-30b-a3b": QWEN3_30B_A3B}
 GPTQ4 = dict(quant_method="gptq", bits=4, group_size=128, desc_act=False, sym=True, checkpoint_format="gptq")
 # Equal thirds of 2, 3 and 4 bits (g128): 3.25 bits per weight on average.
 MIXED_325 = ["w2g128", "w3g128", "w4g128"]
@@ -64,4 +73,6 @@ def write_all(out: Path, base: dict = QWEN15_MOE) -> dict[str, Path]:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("out", type=Path)
-    print(write_all(p.parse_args().out))
+    p.add_argument("--config", choices=sorted(CONFIGS), default="qwen1.5-moe-a2.7b")
+    args = p.parse_args()
+    print(write_all(args.out, CONFIGS[args.config]))

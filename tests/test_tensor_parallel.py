@@ -48,6 +48,19 @@ def test_tp2_matches_tp1(tmp_path, cpu_tp_env):
 
 
 @pytest.mark.slow
+def test_expert_parallel_matches_tp1(tmp_path, cpu_tp_env):
+    # Expert parallelism keeps experts whole, so even groups that cannot shard
+    # under TP (w4g128 over intermediate 128) are served; each rank holds half the experts.
+    scheme_map = dict(TP_MAP, down=["w4g128", "w2g128", "w8", "w3g32", "w4g128", "w2", "w3g128", "w8"])
+    ckpt = _quantize(tmp_path, scheme_map)
+    one = vllm_generate(ckpt, PROMPTS, 12, tmp_path)
+    ep = vllm_generate(ckpt, PROMPTS, 12, tmp_path, tensor_parallel_size=2, enable_expert_parallel=True)
+    for a, b in zip(one, ep):
+        assert a["token_ids"] == b["token_ids"]
+        torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
 def test_group_that_cannot_shard_is_a_clear_error(tmp_path, cpu_tp_env):
     ckpt = _quantize(tmp_path, {"gate_up": "w4g128", "down": "w4g128"})
     with pytest.raises(VLLMFailed) as info:

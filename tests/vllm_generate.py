@@ -1,7 +1,8 @@
 """Run vLLM's offline engine on a checkpoint in a fresh process; print JSON results.
 
 Usage: python vllm_generate.py REQUEST.json  (keys: model, prompts (token id lists),
-max_tokens, and optional quantization, dtype, tensor_parallel_size, enforce_eager).
+max_tokens, and optional quantization, dtype, tensor_parallel_size,
+enable_expert_parallel, enforce_eager).
 Each test gets its own process so engines never share state and crashes stay contained.
 """
 
@@ -18,6 +19,7 @@ if __name__ == "__main__":
         dtype=req.get("dtype", "float32"),
         enforce_eager=req.get("enforce_eager", True),
         tensor_parallel_size=req.get("tensor_parallel_size", 1),
+        enable_expert_parallel=req.get("enable_expert_parallel", False),
         max_model_len=req.get("max_model_len", 512),
         gpu_memory_utilization=req.get("gpu_memory_utilization", 0.15),
         seed=0,
