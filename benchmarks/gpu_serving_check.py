@@ -3,8 +3,11 @@
   accuracy   perplexity and greedy text of a real MxMoE checkpoint (token windows
              prepared on the CPU machine, see --prepare), in bf16
   throughput output tokens/s like `vllm bench throughput` (random 128-token prompts,
-             128 output tokens, CUDA graphs on) for bf16, GPTQ-Marlin w4g128 and MxMoE
-             variants of Qwen1.5-MoE-A2.7B with random weights
+             128 output tokens, CUDA graphs on) and latency like `vllm bench latency`
+             (one batch of 1 or 16 requests, 128 in / 128 out, mean of 3 after a warm-up)
+             for bf16, GPTQ-Marlin w4g128 and MxMoE variants of a real MoE config
+             (benchmarks/speed_configs.py: Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B,
+             DeepSeek-V2-Lite) with random weights
 
 Each engine runs in its own subprocess; results go to $OUT as they come.
 """
@@ -46,7 +49,7 @@ def run_accuracy(ckpt: str, windows_file: str) -> None:
     (OUT / "accuracy.json").write_text(json.dumps(result, indent=1))
 
 
-def run_throughput(model_dir: str, tag: str, batches: list[int]) -> None:
+def run_throughput(model_dir: str, tag: str, batches: list[int], latency_batches: list[int]) -> None:
     import numpy as np
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -69,6 +72,19 @@ def run_throughput(model_dir: str, tag: str, batches: list[int]) -> None:
         res[bs] = ntok / dt
         print(f"RESULT {tag} bs={bs} out_tok_per_s={ntok / dt:.1f} wall={dt:.2f}s", flush=True)
     (OUT / f"throughput_{tag}.json").write_text(json.dumps(res))
+    lat = {}
+    for bs in latency_batches:
+        prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(bs)]
+        sp = SamplingParams(max_tokens=128, min_tokens=128, ignore_eos=True, temperature=0, detokenize=False)
+        llm.generate(prompts, sp, use_tqdm=False)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            llm.generate(prompts, sp, use_tqdm=False)
+            times.append(time.perf_counter() - t)
+        lat[bs] = sum(times) / len(times)
+        print(f"RESULT {tag} latency bs={bs} mean_s={lat[bs]:.4f} runs={[round(x, 4) for x in times]}", flush=True)
+    (OUT / f"latency_{tag}.json").write_text(json.dumps(lat))
 
 
 def prepare(ckpt: str, text: str, out_file: str, seq_len: int, windows: int) -> None:
@@ -81,32 +97,42 @@ def prepare(ckpt: str, text: str, out_file: str, seq_len: int, windows: int) -> 
     print(f"cpu perplexity {cpu.perplexity:.4f} over {cpu.tokens} tokens")
 
 
+def _ints(text: str) -> list[int]:
+    return [int(b) for b in text.split(",") if b]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("accuracy"); a.add_argument("ckpt"); a.add_argument("windows")  # noqa: E702
     t = sub.add_parser("throughput"); t.add_argument("model"); t.add_argument("tag")  # noqa: E702
     t.add_argument("--batches", default="1,16,64,256")
+    t.add_argument("--latency-batches", default="1,16")
     pr = sub.add_parser("prepare"); pr.add_argument("ckpt"); pr.add_argument("text"); pr.add_argument("out")  # noqa: E702
     pr.add_argument("--seq-len", type=int, default=512); pr.add_argument("--windows", type=int, default=16)  # noqa: E702
     al = sub.add_parser("all"); al.add_argument("ckpt"); al.add_argument("windows")  # noqa: E702
     al.add_argument("--variants", default="mxmoe_w4g128,bf16,gptq4_marlin,mxmoe_mixed325")
     al.add_argument("--batches", default="1,16,64,256")
+    al.add_argument("--latency-batches", default="1,16")
+    al.add_argument("--config", default="qwen1.5-moe-a2.7b", help="a name in speed_configs.CONFIGS")
+    al.add_argument("--skip-accuracy", action="store_true")
     args = p.parse_args()
     if args.cmd == "accuracy":
         run_accuracy(args.ckpt, args.windows)
     elif args.cmd == "throughput":
-        run_throughput(args.model, args.tag, [int(b) for b in args.batches.split(",")])
+        run_throughput(args.model, args.tag, _ints(args.batches), _ints(args.latency_batches))
     elif args.cmd == "prepare":
         prepare(args.ckpt, args.text, args.out, args.seq_len, args.windows)
     else:
-        from benchmarks.speed_configs import write_all
+        from benchmarks.speed_configs import CONFIGS, write_all
 
         me = [sys.executable, __file__]
-        subprocess.run(me + ["accuracy", args.ckpt, args.windows], check=False)
-        paths = write_all(Path("/tmp/speed_cfgs"))
+        if not args.skip_accuracy:
+            subprocess.run(me + ["accuracy", args.ckpt, args.windows], check=False)
+        paths = write_all(Path("/tmp/speed_cfgs") / args.config, CONFIGS[args.config])
         for tag in args.variants.split(","):
-            subprocess.run(me + ["throughput", str(paths[tag]), tag, "--batches", args.batches], check=False)
+            opts = ["--batches", args.batches, "--latency-batches", args.latency_batches]
+            subprocess.run(me + ["throughput", str(paths[tag]), f"{args.config}_{tag}", *opts], check=False)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def greedy(ckpt: str, prompts: str) -> None:
         for mode in MODES:
             f = f"/tmp/mgc_greedy_{label}_{mode}.json"
             args = ["engine-greedy", model, mode, prompts, quant, f]
-            rc = subprocess.run(_me(*args)).returncode
+            rc = subprocess.run(_me(*args), check=False).returncode
             runs[mode] = json.loads(Path(f).read_text()) if rc == 0 else None
             print(f"RESULT greedy {label} {mode} rc={rc}", flush=True)
         summary[label] = {mode: _compare(runs["tp1"], runs[mode]) for mode in ("tp2", "ep2")}
@@ -144,7 +144,7 @@ def scaling(variants: list[str], batches: str, deadline_s: float, modes: list[st
             if time.perf_counter() - t_start > deadline_s:
                 print(f"RESULT skipped {tag}_{mode} (deadline)", flush=True)
                 continue
-            subprocess.run(_me("engine-throughput", str(paths[tag]), mode, f"{tag}_{mode}", batches))
+            subprocess.run(_me("engine-throughput", str(paths[tag]), mode, f"{tag}_{mode}", batches), check=False)
 
 
 def main() -> None:

@@ -33,16 +33,41 @@ QWEN3_30B_A3B = dict(
     rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16", attention_bias=False,
     bos_token_id=151643, eos_token_id=151645, use_sliding_window=False, output_router_logits=False,
 )  # fmt: skip
-CONFIGS = {"qwen1.5-moe-a2.7b": QWEN15_MOE, "qwen3-30b-a3b": QWEN3_30B_A3B}
+DEEPSEEK_V2_LITE = dict(
+    architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=102400, hidden_size=2048,
+    intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+    num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+    moe_layer_freq=1, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    v_head_dim=128, n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
+    routed_scaling_factor=1.0, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
+    hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16", attention_bias=False,
+    bos_token_id=100000, eos_token_id=100001,
+)  # fmt: skip
+CONFIGS = {"qwen1.5-moe-a2.7b": QWEN15_MOE, "qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE}
 GPTQ4 = dict(quant_method="gptq", bits=4, group_size=128, desc_act=False, sym=True, checkpoint_format="gptq")
 # Equal thirds of 2, 3 and 4 bits (g128): 3.25 bits per weight on average.
 MIXED_325 = ["w2g128", "w3g128", "w4g128"]
+# Four w2 (per channel, ~2.02 bits), one w2g128, one w3g128: ~2.26 bits on average.
+MIXED_225 = ["w2", "w2g128", "w2", "w3g128", "w2", "w2"]
+# Weight-activation mix: one expert in eight w8a8fp8 (the hot ones in a real
+# allocation; random weights route evenly, so which ones does not matter), rest w4g128.
+WA_MIX = ["w8a8fp8"] + ["w4g128"] * 7
+
+
+def num_experts(base: dict) -> int:
+    return base.get("num_experts") or base["n_routed_experts"]
+
+
+def moe_layers(base: dict) -> list[int]:
+    first_dense = base.get("first_k_dense_replace", 0)
+    dense = set(base.get("mlp_only_layers", []))
+    return [i for i in range(first_dense, base["num_hidden_layers"]) if i not in dense]
 
 
 def mxmoe_config(base: dict, gate_up_cycle: list[str], down_cycle: list[str]) -> dict:
     experts = {}
-    n = base["num_experts"]
-    for layer in range(base["num_hidden_layers"]):
+    n = num_experts(base)
+    for layer in moe_layers(base):
         experts[f"model.layers.{layer}.mlp.experts"] = ExpertLayerSchemes(
             [gate_up_cycle[(e + layer) % len(gate_up_cycle)] for e in range(n)],
             [down_cycle[(e + layer + 1) % len(down_cycle)] for e in range(n)],
@@ -57,6 +82,8 @@ def write_all(out: Path, base: dict = QWEN15_MOE) -> dict[str, Path]:
         "gptq4_marlin": GPTQ4,
         "mxmoe_w4g128": mxmoe_config(base, ["w4g128"], ["w4g128"]),
         "mxmoe_mixed325": mxmoe_config(base, MIXED_325, MIXED_325),
+        "mxmoe_mixed225": mxmoe_config(base, MIXED_225, MIXED_225),
+        "mxmoe_wa_mix": mxmoe_config(base, WA_MIX, WA_MIX),
     }
     paths = {}
     for name, quant in variants.items():
