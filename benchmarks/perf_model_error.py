@@ -37,7 +37,8 @@ def predicted_gemm_us(model: PerfModel, case: dict) -> float:
 def compare(cases: list[dict], table: PerfModel, roofline: PerfModel) -> list[dict]:
     rows = []
     for c in cases:
-        if "expert_tokens" not in c or not math.isfinite(c.get("gemm1_us", float("nan"))):
+        # Only the shipped configuration ("table"); the other variants are A/B experiments.
+        if c.get("variant") != "table" or "expert_tokens" not in c or not math.isfinite(c.get("gemm1_us", math.nan)):
             continue
         measured = c["gemm1_us"] + c["gemm2_us"]
         rows.append(dict(shape=c["shape"], assign=c["assign"], tokens=c["tokens"], variant=c["variant"],

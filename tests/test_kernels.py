@@ -108,16 +108,17 @@ ALL_SCHEMES = ["w2g128", "w3g128", "w4g128", "w8", "w4g128_sym", "w8a8fp8", "w4a
 # Align
 
 
+@pytest.mark.parametrize("one_program", [False, True])
 @pytest.mark.parametrize(
     "num_tokens,topk,num_experts,block_m,local",
     [(1, 2, 4, 16, None), (37, 4, 8, 16, None), (20, 2, 6, 32, [2, -1, 0, -1, 1, -1])],
 )
-def test_align_routing(num_tokens, topk, num_experts, block_m, local):
+def test_align_routing(num_tokens, topk, num_experts, block_m, local, one_program):
     gen = torch.Generator().manual_seed(num_tokens)
     ids, _ = make_routing(num_tokens, topk, num_experts, gen, skip=(num_experts - 1,))
     expert_map = None if local is None else torch.tensor(local, dtype=torch.int32)
     n_local = num_experts if local is None else max(local) + 1
-    r = align_routing(ids, n_local, block_m, expert_map)
+    r = align_routing(ids, n_local, block_m, expert_map, one_program=one_program)
 
     flat = ids.reshape(-1).long()
     want_expert = flat if expert_map is None else expert_map[flat].long()
@@ -142,6 +143,7 @@ def test_align_routing(num_tokens, topk, num_experts, block_m, local):
 # One grouped GEMM, every scheme in one launch
 
 
+@pytest.mark.parametrize("dequant", [0, 1, 3])  # 2/3 (inline PTX) run their pure-Triton twin here
 @pytest.mark.parametrize(
     "schemes,k,cfg",
     [
@@ -149,9 +151,11 @@ def test_align_routing(num_tokens, topk, num_experts, block_m, local):
         (ALL_SCHEMES, 256, GemmConfig(16, 32, 64, 4, 1, split_k=2)),
     ],
 )
-def test_grouped_gemm_mixed(schemes, k, cfg):
+def test_grouped_gemm_mixed(schemes, k, cfg, dequant):
     from vllm_mxmoe.kernels.configs import fit_block_k
     from dataclasses import replace
+
+    cfg = replace(cfg, dequant=dequant)
 
     gen = torch.Generator().manual_seed(k + cfg.split_k)
     n, topk, tokens = 48, 2, 11  # N not a multiple of BLOCK_N
@@ -261,3 +265,67 @@ def test_config_selection():
     # Prefill: big tiles, no split.
     prefill = select_gemm_config(8192, 8, 128, 1536, 2048, [128])
     assert prefill.block_m == 128 and prefill.split_k == 1
+
+
+# ---------------------------------------------------------------------------
+# The measured perf table (benchmarks/kernel_check.py --parts table) and its loader
+
+
+def _perf_table_path():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "perf_table_h200.json"
+
+
+def test_perf_table_format_loads(tmp_path):
+    """kernel_check's table format (extra keys included) is what offline/perf_model.py reads."""
+    import json
+
+    from offline.perf_model import PerfModel
+
+    table = dict(device="NVIDIA H200", source="benchmarks/kernel_check.py --parts table", date="2026-11-29",
+                 default_dequant=2, experts_per_launch=64,
+                 entries=[dict(scheme=s, n=1536, k=2048, tokens=t, us=us * (1 + t / 64))
+                          for s, us in (("w4g128", 2.0), ("w2g128", 1.5)) for t in (1, 4, 16, 64, 256)])
+    path = tmp_path / "perf_table_h200.json"
+    path.write_text(json.dumps(table))
+    model = PerfModel.from_json(path)
+    assert {"w4g128", "w2g128"} <= set(model.measured_schemes)
+    assert model.time_us("w2g128", 1536, 2048, 16) < model.time_us("w4g128", 1536, 2048, 16)
+    assert model.time_us("w4g128", 1536, 2048, 8) <= model.time_us("w4g128", 1536, 2048, 32)
+
+
+def test_shipped_perf_table_loads():
+    from offline.perf_model import PerfModel
+
+    path = _perf_table_path()
+    if not path.exists():
+        pytest.skip("no measured table shipped yet")
+    model = PerfModel.from_json(path)
+    for scheme in model.measured_schemes:
+        times = [model.time_us(scheme, 1536, 2048, t) for t in (1, 2, 8, 32, 128)]
+        assert all(t > 0 for t in times) and times == sorted(times), (scheme, times)
+
+
+# ---------------------------------------------------------------------------
+# csrc/ CUDA extension: optional; on the CPU it is never built and never used
+
+
+def test_csrc_ext_unbuilt_is_inert():
+    from vllm_mxmoe.kernels import csrc_ext
+
+    gen = torch.Generator().manual_seed(9)
+    w = make_weights(["w4g128", "w4g128_sym"], 64, 128, gen)
+    x = torch.randn(3, 128, generator=gen).to(DTYPE)
+    assert csrc_ext.CSRC_DIR.joinpath("w4_gemv.cu").exists()
+    if csrc_ext._ext is None:
+        assert not csrc_ext.supports(w, x, 16)
+        assert not csrc_ext.enabled()
+    # use_csrc=True without a build falls back to the Triton kernels
+    err = _run_layer(1, 2, ["w4g128", "w4g128_sym", "w4", "w4g128"], ["w4", "w4g128", "w4g128_sym", "w4g128"],
+                     128, 128, seed=6)
+    assert err < WEIGHT_ONLY_TOL, err
+
+
+# The GPU check of csrc/ against the torch reference is benchmarks/kernel_check.py's 'csrc' mode
+# (this module forces the Triton interpreter, so it cannot run compiled kernels).

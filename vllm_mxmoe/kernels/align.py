@@ -5,6 +5,9 @@ every routed slot (``slot = token * topk + j``) grouped by its local expert,
 each expert's rows padded to a multiple of BLOCK_M, so that each M-block of
 rows belongs to one expert.
 
+For few slots (decode) one program does all of it instead (_align_one_program_kernel):
+one launch instead of a memset and three kernels.
+
 Everything stays on the device and every shape depends only on
 (T, topk, E, BLOCK_M): no ``.item()``, no ``nonzero``, so CUDA graphs can
 capture it. Three small Triton kernels:
@@ -104,6 +107,55 @@ def _block_map_kernel(
 
 
 @triton.jit
+def _align_one_program_kernel(
+    topk_ids_ptr, expert_map_ptr, sorted_ids_ptr, block_expert_ptr, num_blocks_ptr, slot_expert_ptr,
+    num_experts, num_slots, max_rows, max_blocks,
+    HAS_EXPERT_MAP: tl.constexpr, BLOCK_M: tl.constexpr, S_POW2: tl.constexpr, E_POW2: tl.constexpr,
+    ROWS_PER_STEP: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+):
+    """The whole alignment in one program, for few slots (decode): no atomics, no memset.
+
+    counts and ranks come from [slots, experts] and [slots, slots] comparisons, so
+    the result is in token order (deterministic), unlike the atomic three-kernel path.
+    """
+    slots = tl.arange(0, S_POW2)
+    in_range = slots < num_slots
+    expert = tl.load(topk_ids_ptr + slots, mask=in_range, other=-1).to(tl.int32)
+    if HAS_EXPERT_MAP:
+        expert = tl.load(expert_map_ptr + expert, mask=in_range, other=-1).to(tl.int32)
+    expert = tl.where(in_range, expert, -1)
+    tl.store(slot_expert_ptr + slots, expert, mask=in_range)
+
+    experts = tl.arange(0, E_POW2)
+    hit = (expert[:, None] == experts[None, :]).to(tl.int32)  # [S, E]; -1 (not local) hits nothing
+    counts = tl.sum(hit, axis=0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)
+    start = (block_end - blocks) * BLOCK_M
+    tl.store(num_blocks_ptr, tl.sum(blocks, axis=0))
+    # rank of a slot among the earlier slots of its expert
+    before = (expert[:, None] == expert[None, :]) & (slots[None, :] < slots[:, None])
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    row = tl.sum(hit * start[None, :], axis=1) + rank
+
+    for r0 in range(0, max_rows, ROWS_PER_STEP):
+        r = r0 + tl.arange(0, ROWS_PER_STEP)
+        tl.store(sorted_ids_ptr + r, tl.full((ROWS_PER_STEP,), num_slots, tl.int32), mask=r < max_rows)
+    for b0 in range(0, max_blocks, BLOCKS_PER_STEP):
+        b = b0 + tl.arange(0, BLOCKS_PER_STEP)
+        owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)
+        owner = tl.where(owner < num_experts, owner, -1)
+        tl.store(block_expert_ptr + b, owner, mask=b < max_blocks)
+    tl.debug_barrier()  # the sentinel rows above are overwritten by other threads below
+    tl.store(sorted_ids_ptr + row, slots, mask=expert >= 0)
+
+
+# Slots x experts (and slots x slots) up to which the one-program alignment is used.
+ONE_PROGRAM_MAX_SLOTS = 128
+ONE_PROGRAM_MAX_CELLS = 128 * 256
+
+
+@triton.jit
 def _scatter_kernel(slot_expert_ptr, rank_ptr, expert_start_ptr, sorted_ids_ptr, num_slots, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     expert = tl.load(slot_expert_ptr + offs, mask=offs < num_slots, other=-1)
@@ -114,18 +166,20 @@ def _scatter_kernel(slot_expert_ptr, rank_ptr, expert_start_ptr, sorted_ids_ptr,
 
 
 def align_routing(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: torch.Tensor | None = None
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: torch.Tensor | None = None,
+    one_program: bool | None = None,
 ) -> AlignedRouting:
     """Sort routed slots by local expert, padded per expert to BLOCK_M rows.
 
     ``num_experts`` is the local expert count; ``expert_map`` (global -> local,
-    -1 = not on this rank) drops the slots of other ranks' experts.
+    -1 = not on this rank) drops the slots of other ranks' experts. ``one_program``:
+    one kernel (few slots, the default up to ONE_PROGRAM_MAX_SLOTS) or the
+    memset + three-kernel path; None picks by size.
     """
     device = topk_ids.device
     num_slots = topk_ids.numel()
     max_rows = max_padded_rows(num_slots, num_experts, block_m)
     ids = topk_ids.reshape(-1)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     rank = torch.empty(max(num_slots, 1), dtype=torch.int32, device=device)
     slot_expert = torch.empty(max(num_slots, 1), dtype=torch.int32, device=device)
     expert_start = torch.empty(num_experts, dtype=torch.int32, device=device)
@@ -133,6 +187,20 @@ def align_routing(
     block_expert = torch.empty(max_rows // block_m, dtype=torch.int32, device=device)
     num_blocks = torch.empty(1, dtype=torch.int32, device=device)
 
+    e_pow2 = triton.next_power_of_2(num_experts)
+    s_pow2 = triton.next_power_of_2(max(num_slots, 1))
+    if one_program is None:
+        one_program = num_slots <= ONE_PROGRAM_MAX_SLOTS and s_pow2 * e_pow2 <= ONE_PROGRAM_MAX_CELLS
+    if one_program:
+        _align_one_program_kernel[(1,)](
+            ids, expert_map if expert_map is not None else ids, sorted_ids, block_expert, num_blocks, slot_expert,
+            num_experts, num_slots, max_rows, block_expert.numel(),
+            HAS_EXPERT_MAP=expert_map is not None, BLOCK_M=block_m, S_POW2=s_pow2, E_POW2=e_pow2,
+            ROWS_PER_STEP=1024, BLOCKS_PER_STEP=max(16, min(128, 8192 // e_pow2)),
+        )
+        return AlignedRouting(sorted_ids, block_expert, num_blocks, slot_expert[:num_slots], num_slots, block_m)
+
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     step = 1024
     grid = (triton.cdiv(max(num_slots, 1), step),)
     _count_and_rank_kernel[grid](

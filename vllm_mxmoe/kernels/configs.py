@@ -12,6 +12,7 @@ warps, stages and split-K may differ between the two GEMMs.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,6 +26,11 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     split_k: int = 1
+    # Dequantization of 2/3/4-bit codes: 0 = shift/mask + magic OR (v1), 1 = field-wise in
+    # plain Triton, 2 = field-wise in inline PTX, 3 = 2 with 4-bit pairs taken straight from
+    # the LOP3 and the K order permuted inside 8-groups for A and W (grouped_gemm.py);
+    # -1 = default_dequant().
+    dequant: int = -1
 
 
 # Rows an expert is expected to see (tokens * topk / experts), upper bound -> tiles.
@@ -45,6 +51,40 @@ TILE_TABLE: list[tuple[float, GemmConfig]] = [
 PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 8
 _DEFAULT_NUM_SMS = 132  # H100/H200; used when no GPU is visible (CPU interpreter)
+
+
+DEQUANT_V1, DEQUANT_FIELDS, DEQUANT_ASM, DEQUANT_ASM_PAIRED = 0, 1, 2, 3
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def default_dequant(block_m: int | None = None) -> int:
+    """MXMOE_DEQUANT (0-3) if set; else DEQUANT_DEFAULT for decode tiles (BLOCK_M <= ASM_MAX_BLOCK_M)
+    and DEQUANT_V1 for larger ones. Asm modes run their pure-Triton twin when interpreting."""
+    env = os.environ.get("MXMOE_DEQUANT")
+    if env is not None:
+        mode = int(env)
+        if mode not in (DEQUANT_V1, DEQUANT_FIELDS, DEQUANT_ASM, DEQUANT_ASM_PAIRED):
+            raise ValueError(f"MXMOE_DEQUANT must be 0, 1, 2 or 3, got {mode}")
+        return mode
+    if block_m is not None and block_m > ASM_MAX_BLOCK_M:
+        return DEQUANT_V1
+    return DEQUANT_DEFAULT
+
+
+def resolve_dequant(mode: int, block_m: int | None = None) -> int:
+    return default_dequant(block_m) if mode < 0 else mode
+
+
+# Inline-PTX dequant by default for decode tiles: checked against the torch reference in bf16 on an
+# H200 (every scheme mixed, 1..2048 tokens) and 6-16% faster on mixed 2/3/4-bit layers at 1-256
+# tokens, equal within noise on uniform w4g128 (KERNEL_NOTES.md, 2026-11-29). With BLOCK_M >= 64
+# triton 3.6 fails to compile it for some layers (grouped_gemm then falls back to mode 0 with a
+# warning), and it was not faster at 8192 tokens on mixed layers: larger tiles keep mode 0.
+DEQUANT_DEFAULT = DEQUANT_ASM
+ASM_MAX_BLOCK_M = 16  # the tiles it was measured on (<= 256 tokens on qwen3-30b-a3b)
 
 
 def expected_rows_per_expert(num_tokens: int, topk: int, num_experts: int) -> float:

@@ -1,6 +1,6 @@
 """The whole mixed-precision MoE layer on the GPU, same semantics as reference_fused_experts.
 
-    align (3 small kernels) -> [fp8 quant of x] -> GEMM1 gate_up (one launch, all experts)
+    align (1 kernel for few slots, else 3 + a memset) -> [fp8 quant of x] -> GEMM1 gate_up (one launch, all experts)
     -> silu(gate) * up [+ fp8 quant] (sums split-K partials) -> GEMM2 down x topk weight
     -> sum over topk (and split-K partials)
 
@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import csrc_ext
 from .act_quant import quantize_fp8_per_token, silu_and_mul
 from .align import align_routing
 from .configs import GemmConfig, select_gemm_config
@@ -76,6 +77,7 @@ def mxmoe_fused_experts(
     *,
     configs: tuple[GemmConfig, GemmConfig] | None = None,
     out: torch.Tensor | None = None,
+    use_csrc: bool | None = None,
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert of slot (t, j).
 
@@ -83,6 +85,9 @@ def mxmoe_fused_experts(
     rows first); w2: down weights; expert_map: global -> local expert id (-1: not
     on this rank, such slots contribute 0). ``configs`` overrides the tile table
     (GEMM1, GEMM2; same block_m); ``out`` [T, hidden] receives the result.
+    ``use_csrc``: run the GEMMs that csrc_ext.supports() through the CUDA extension
+    (None: for batches of <= csrc_ext.DEFAULT_MAX_TOKENS tokens when csrc_ext.enabled(),
+    i.e. only once the extension is built).
     """
     num_tokens, hidden = hidden_states.shape
     topk = topk_ids.shape[1]
@@ -105,11 +110,19 @@ def mxmoe_fused_experts(
     x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
     routing = align_routing(topk_ids, w13.num_experts, cfg1.block_m, expert_map)
 
+    if use_csrc is None:  # measured faster at 1 token only (KERNEL_NOTES.md)
+        use_csrc = num_tokens <= csrc_ext.DEFAULT_MAX_TOKENS and csrc_ext.enabled()
     x_fp8 = quantize_fp8_per_token(x) if needs_fp8_activations(w13) else None
-    gate_up = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x_fp8)
+    if use_csrc and csrc_ext.supports(w13, x, cfg1.block_m):
+        gate_up = csrc_ext.w4_gemv(x, w13, routing, a_row_div=topk)
+    else:
+        gate_up = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x_fp8)
     act, act_fp8 = silu_and_mul(gate_up, routing.slot_expert, x.dtype, quantize_fp8=needs_fp8_activations(w2))
     flat_weights = topk_weights.reshape(-1)
-    down = grouped_gemm(act, w2, routing, cfg2, a_fp8=act_fp8, routed_weights=flat_weights)
+    if use_csrc and csrc_ext.supports(w2, act, cfg2.block_m):
+        down = csrc_ext.w4_gemv(act, w2, routing, routed_weights=flat_weights)
+    else:
+        down = grouped_gemm(act, w2, routing, cfg2, a_fp8=act_fp8, routed_weights=flat_weights)
     return moe_sum(down, routing.slot_expert, topk, out)
 
 

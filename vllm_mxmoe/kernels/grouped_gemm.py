@@ -10,6 +10,9 @@ scheme; all branches live in one kernel, so they share num_warps:
   shift/mask (in-thread, via tl.join), turn codes into floats by OR-ing them
   into a float's mantissa (no int->float convert), dequantize
   ``(q - zero) * scale`` in the activation dtype, tl.dot in fp16/bf16;
+  2/3/4-bit codes have a second, field-wise path (DEQUANT mode 2, the default for
+  decode tiles, configs.default_dequant): inline PTX LOP3 + two FMAs per f16x2/bf16x2
+  pair, with a pure-Triton twin (mode 1) that the interpreter runs;
 * fp8 weights, fp8 activations (w8a8fp8): fp8 x fp8 tl.dot, per-channel
   weight scale and per-token activation scale applied once after the loop;
 * int4 weights, fp8 activations (w4a8fp8): ``q - 8`` is exact in e4m3, so
@@ -24,6 +27,8 @@ present in the layer, so a uniform layer pays for one branch only.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +36,7 @@ import triton.language as tl
 from ..format import FP8_DTYPE
 from ..schemes import Scheme
 from .align import AlignedRouting
-from .configs import GemmConfig
+from .configs import GemmConfig, interpreting, resolve_dequant
 from .layout import BITS, FLAG_FP8_ACT, FLAG_FP8_WEIGHT, FLAG_ZERO, FLAGS, GROUP, S_OFF, W_OFF, Z_OFF, ExpertGemmWeights
 
 # Inner-loop kinds; the kinds present in a layer pick the compiled branches (HAS_* flags).
@@ -152,6 +157,304 @@ def _codes_minus_zero(codes, zero, BITS: tl.constexpr, DTYPE: tl.constexpr):
         return (biased - (zero + 8388608.0)[:, None]).to(DTYPE)
 
 
+# ---------------------------------------------------------------------------
+# Field-wise dequantization (DEQUANT >= 1): each packed word gives F = 32 / BITS
+# output tensors [BLOCK_N, words] ("field j of every word", already (q - zero) *
+# scale in the activation dtype), interleaved back into K order by tl.join. Mode
+# 2 computes the fields in inline PTX, Marlin-style: two words per asm call,
+# PRMT their low (high) halves together, then per field one LOP3 (mask | magic
+# exponent) on a pair, one FMA (- (zero + magic)) and one FMA (* scale) on the
+# f16x2/bf16x2 pair: ~1.5 instructions per weight instead of ~4. Mode 1 is the
+# same computation in plain Triton (the interpreter cannot run inline asm), so
+# CPU tests exercise the same field order and joins.
+
+
+def _magic(dtype_is_fp16: bool) -> int:
+    return 0x64006400 if dtype_is_fp16 else 0x43004300
+
+
+def _asm_pairs(bits: int, fp16: bool) -> str:
+    """PTX for 2 words ($F*1.., see constraints) -> F half2/bf162 outputs $0..$F-1 (pack=2)."""
+    f = 32 // bits
+    typ = "f16x2" if fp16 else "bf16x2"
+    one = "0x3C003C00" if fp16 else "0x3F803F80"
+    mask = {2: "0x00030003", 4: "0x000f000f"}[bits]
+    w0, w1, sc, nz = f"${f}", f"${f + 1}", f"${f + 2}", f"${f + 3}"
+    lines = [
+        "{", ".reg .b32 lo, hi, t, u, one, mz;",
+        f"mov.b32 one, {one};", "mov.b32 mz, 0x80008000;",
+        f"prmt.b32 lo, {w0}, {w1}, 0x5410;", f"prmt.b32 hi, {w0}, {w1}, 0x7632;",
+    ]
+    half = f // 2
+    for j in range(f):
+        src = "lo" if j < half else "hi"
+        sh = (j % half) * bits
+        if sh:
+            lines.append(f"shr.u32 u, {src}, {sh};")
+            src = "u"
+        lines.append(f"lop3.b32 t, {src}, {mask}, {hex(_magic(fp16))}, 0xea;")
+        lines.append(f"fma.rn.{typ} t, t, one, {nz};")
+        lines.append(f"fma.rn.{typ} ${j}, t, {sc}, mz;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _asm_pairs_w3(fp16: bool) -> str:
+    """3-bit: 2 chunks (3 words each: lo2 of 0-15, lo2 of 16-31, bit 2 of 0-31) -> 32 pair outputs."""
+    typ = "f16x2" if fp16 else "bf16x2"
+    one = "0x3C003C00" if fp16 else "0x3F803F80"
+    la0, la1, lb0, lb1, h0, h1, sc, nz = (f"${32 + i}" for i in range(8))
+    lines = [
+        "{", ".reg .b32 la, lah, lb, lbh, ha, hb, t, u, v, one, mz;",
+        f"mov.b32 one, {one};", "mov.b32 mz, 0x80008000;",
+        f"prmt.b32 la, {la0}, {la1}, 0x5410;", f"prmt.b32 lah, {la0}, {la1}, 0x7632;",
+        f"prmt.b32 lb, {lb0}, {lb1}, 0x5410;", f"prmt.b32 lbh, {lb0}, {lb1}, 0x7632;",
+        f"prmt.b32 ha, {h0}, {h1}, 0x5410;", f"prmt.b32 hb, {h0}, {h1}, 0x7632;",
+    ]
+    for j in range(32):
+        lo_src = ["la", "lah", "lb", "lbh"][j // 8]
+        sh = (j % 8) * 2
+        if sh:
+            lines.append(f"shr.u32 u, {lo_src}, {sh};")
+            lo_src = "u"
+        hsrc, hb_pos = ("ha", j) if j < 16 else ("hb", j - 16)
+        if hb_pos > 2:
+            lines.append(f"shr.u32 v, {hsrc}, {hb_pos - 2};")
+        elif hb_pos < 2:
+            lines.append(f"shl.b32 v, {hsrc}, {2 - hb_pos};")
+        else:
+            lines.append(f"mov.b32 v, {hsrc};")
+        lines.append(f"lop3.b32 t, {lo_src}, 0x00030003, {hex(_magic(fp16))}, 0xea;")
+        lines.append("lop3.b32 t, v, 0x00040004, t, 0xea;")
+        lines.append(f"fma.rn.{typ} t, t, one, {nz};")
+        lines.append(f"fma.rn.{typ} ${j}, t, {sc}, mz;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_ASM_W4_F16, _ASM_W4_BF16 = tl.constexpr(_asm_pairs(4, True)), tl.constexpr(_asm_pairs(4, False))
+_ASM_W2_F16, _ASM_W2_BF16 = tl.constexpr(_asm_pairs(2, True)), tl.constexpr(_asm_pairs(2, False))
+_ASM_W3_F16, _ASM_W3_BF16 = tl.constexpr(_asm_pairs_w3(True)), tl.constexpr(_asm_pairs_w3(False))
+def _asm_w4_pairs_in_word(fp16: bool) -> str:
+    """PTX: one word ($4, $5 is the same word) -> 4 pairs (field j, field j+4), $0..$3 (pack=2)."""
+    typ = "f16x2" if fp16 else "bf16x2"
+    one = "0x3C003C00" if fp16 else "0x3F803F80"
+    lines = ["{", ".reg .b32 t, u, one, mz;", f"mov.b32 one, {one};", "mov.b32 mz, 0x80008000;"]
+    for j in range(4):
+        src = "$4"
+        if j:
+            lines.append(f"shr.u32 u, $4, {4 * j};")
+            src = "u"
+        lines.append(f"lop3.b32 t, {src}, 0x000f000f, {hex(_magic(fp16))}, 0xea;")
+        lines.append(f"fma.rn.{typ} t, t, one, $7;")
+        lines.append(f"fma.rn.{typ} ${j}, t, $6, mz;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_ASM_W4P_F16, _ASM_W4P_BF16 = tl.constexpr(_asm_w4_pairs_in_word(True)), tl.constexpr(_asm_w4_pairs_in_word(False))
+_CONS_4P = tl.constexpr("=r,=r,=r,=r,r,r,r,r")
+_CONS_8, _CONS_16, _CONS_32 = (tl.constexpr(",".join(["=r"] * f + ["r"] * (2 * n + 2)))
+                               for f, n in ((8, 1), (16, 1), (32, 3)))
+
+
+@triton.jit
+def _field(words, j: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr):
+    """Pure-Triton field j of every word, (q - zero) * scale; nzero = -(zero + magic)."""
+    MAGIC_BITS: tl.constexpr = 0x6400 if DTYPE == tl.float16 else 0x4300
+    q = ((words >> (j * BITS)) & ((1 << BITS) - 1)) | MAGIC_BITS
+    return (q.to(tl.int16).to(DTYPE, bitcast=True) + nzero) * scale
+
+
+@triton.jit
+def _field3(lo_a, lo_b, hi, j: tl.constexpr, scale, nzero, DTYPE: tl.constexpr):
+    MAGIC_BITS: tl.constexpr = 0x6400 if DTYPE == tl.float16 else 0x4300
+    if j < 16:
+        lo = (lo_a >> (2 * j)) & 3
+    else:
+        lo = (lo_b >> (2 * (j - 16))) & 3
+    q = lo | (((hi >> j) & 1) << 2) | MAGIC_BITS
+    return (q.to(tl.int16).to(DTYPE, bitcast=True) + nzero) * scale
+
+
+@triton.jit
+def _permute_k8(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Columns inside each 8-group reordered: out[:, 8w + 2j + h] = x[:, 8w + j + 4h] (mode 3's K order)."""
+    x = tl.reshape(x, (ROWS, COLS // 8, 2, 4))
+    return tl.reshape(tl.permute(x, (0, 1, 3, 2)), (ROWS, COLS))
+
+
+@triton.jit
+def _dequant_tile_w4_paired(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """4-bit tile [BLOCK_N, BLOCK_K] in _permute_k8's K order: column 8w + 2j + h = field j + 4h of word w,
+    so that each f16x2/bf16x2 register the LOP3 makes (bits 4j and 4j + 16) is one adjacent pair (no PRMT)."""
+    word = tl.arange(0, BLOCK_K // 8)
+    words = tl.load(w_ptr + offs_n[:, None] * words_per_row + (k0 // 8 + word[None, :]), mask=n_mask[:, None], other=0)
+    x = tl.join(words, words)  # [BN, W, 2]: an asm call (pack=2) gets one word twice
+    sc = scale[:, :, None]
+    nz = nzero[:, :, None]
+    if USE_ASM:
+        if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
+            o = tl.inline_asm_elementwise(_ASM_W4P_F16, _CONS_4P,
+                                          [x, sc, nz],
+                                              dtype=(
+                                                  tl.float16, tl.float16, tl.float16, tl.float16,
+                                              ),
+                                          is_pure=True, pack=2)
+        else:
+            o = tl.inline_asm_elementwise(_ASM_W4P_BF16, _CONS_4P,
+                                          [x, sc, nz],
+                                              dtype=(
+                                                  tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                                              ),
+                                          is_pure=True, pack=2)
+    else:
+        h16 = (tl.arange(0, 2) * 16)[None, None, :]
+        o = (_field(x >> h16, 0, 4, sc, nz, DTYPE), _field(x >> h16, 1, 4, sc, nz, DTYPE),
+             _field(x >> h16, 2, 4, sc, nz, DTYPE), _field(x >> h16, 3, 4, sc, nz, DTYPE))
+    t = tl.join(tl.join(o[0], o[2]), tl.join(o[1], o[3]))  # [BN, W, h, j>>1, j&1]
+    t = tl.permute(t, (0, 1, 3, 4, 2))  # [BN, W, j>>1, j&1, h]
+    return tl.reshape(t, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _join8(o0, o1, o2, o3, o4, o5, o6, o7):
+    """[..] x 8 -> [.., 8] with [.., f] = o_f (nested joins; the last join is the lowest bit)."""
+    return tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+
+
+@triton.jit
+def _join16(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15):
+    return tl.join(_join8(o0, o2, o4, o6, o8, o10, o12, o14), _join8(o1, o3, o5, o7, o9, o11, o13, o15))
+
+
+@triton.jit
+def _dequant_tile(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                  BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
+                  USE_ASM: tl.constexpr):
+    """Dequantized weights [BLOCK_N, BLOCK_K] in DTYPE, K in memory order; scale/nzero [BLOCK_N, 1] in DTYPE."""
+    if BITS == 3:
+        CHUNKS: tl.constexpr = BLOCK_K // 32
+        chunk = tl.arange(0, CHUNKS)
+        base = w_ptr + offs_n[:, None] * words_per_row + (k0 // 32 + chunk[None, :]) * 3
+        la = tl.load(base, mask=n_mask[:, None], other=0)
+        lb = tl.load(base + 1, mask=n_mask[:, None], other=0)
+        hb = tl.load(base + 2, mask=n_mask[:, None], other=0)
+        if USE_ASM:
+            if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
+                o = tl.inline_asm_elementwise(
+                    _ASM_W3_F16, _CONS_32,
+                    [la, lb, hb, scale, nzero],
+                        dtype=(
+                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                            tl.float16, tl.float16,
+                        ), is_pure=True, pack=2)
+            else:
+                o = tl.inline_asm_elementwise(
+                    _ASM_W3_BF16, _CONS_32,
+                    [la, lb, hb, scale, nzero],
+                        dtype=(
+                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                            tl.bfloat16, tl.bfloat16,
+                        ), is_pure=True, pack=2)
+        else:
+            o = (_field3(la, lb, hb, 0, scale, nzero, DTYPE), _field3(la, lb, hb, 1, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 2, scale, nzero, DTYPE), _field3(la, lb, hb, 3, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 4, scale, nzero, DTYPE), _field3(la, lb, hb, 5, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 6, scale, nzero, DTYPE), _field3(la, lb, hb, 7, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 8, scale, nzero, DTYPE), _field3(la, lb, hb, 9, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 10, scale, nzero, DTYPE), _field3(la, lb, hb, 11, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 12, scale, nzero, DTYPE), _field3(la, lb, hb, 13, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 14, scale, nzero, DTYPE), _field3(la, lb, hb, 15, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 16, scale, nzero, DTYPE), _field3(la, lb, hb, 17, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 18, scale, nzero, DTYPE), _field3(la, lb, hb, 19, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 20, scale, nzero, DTYPE), _field3(la, lb, hb, 21, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 22, scale, nzero, DTYPE), _field3(la, lb, hb, 23, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 24, scale, nzero, DTYPE), _field3(la, lb, hb, 25, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 26, scale, nzero, DTYPE), _field3(la, lb, hb, 27, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 28, scale, nzero, DTYPE), _field3(la, lb, hb, 29, scale, nzero, DTYPE),
+                 _field3(la, lb, hb, 30, scale, nzero, DTYPE), _field3(la, lb, hb, 31, scale, nzero, DTYPE))
+        t = tl.join(_join16(o[0], o[2], o[4], o[6], o[8], o[10], o[12], o[14],
+                            o[16], o[18], o[20], o[22], o[24], o[26], o[28], o[30]),
+                    _join16(o[1], o[3], o[5], o[7], o[9], o[11], o[13], o[15],
+                            o[17], o[19], o[21], o[23], o[25], o[27], o[29], o[31]))
+        return tl.reshape(t, (BLOCK_N, BLOCK_K))
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        word = tl.arange(0, BLOCK_K // PER_WORD)
+        words = tl.load(
+            w_ptr + offs_n[:, None] * words_per_row + (k0 // PER_WORD + word[None, :]),
+            mask=n_mask[:, None],
+            other=0,
+        )
+        if BITS == 4:
+            if USE_ASM:
+                if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
+                    o = tl.inline_asm_elementwise(
+                        _ASM_W4_F16, _CONS_8,
+                        [words, scale, nzero],
+                            dtype=(
+                                tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                                tl.float16, tl.float16,
+                            ), is_pure=True, pack=2)
+                else:
+                    o = tl.inline_asm_elementwise(
+                        _ASM_W4_BF16, _CONS_8,
+                        [words, scale, nzero],
+                            dtype=(
+                                tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                                tl.bfloat16, tl.bfloat16,
+                            ), is_pure=True, pack=2)
+            else:
+                o = (_field(words, 0, 4, scale, nzero, DTYPE), _field(words, 1, 4, scale, nzero, DTYPE),
+                     _field(words, 2, 4, scale, nzero, DTYPE), _field(words, 3, 4, scale, nzero, DTYPE),
+                     _field(words, 4, 4, scale, nzero, DTYPE), _field(words, 5, 4, scale, nzero, DTYPE),
+                     _field(words, 6, 4, scale, nzero, DTYPE), _field(words, 7, 4, scale, nzero, DTYPE))
+            t = _join8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])
+        else:
+            tl.static_assert(BITS == 2)
+            if USE_ASM:
+                if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
+                    o = tl.inline_asm_elementwise(
+                        _ASM_W2_F16, _CONS_16,
+                        [words, scale, nzero],
+                            dtype=(
+                                tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                                tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                                tl.float16, tl.float16, tl.float16, tl.float16,
+                            ), is_pure=True, pack=2)
+                else:
+                    o = tl.inline_asm_elementwise(
+                        _ASM_W2_BF16, _CONS_16,
+                        [words, scale, nzero],
+                            dtype=(
+                                tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                                tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                                tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                            ), is_pure=True, pack=2)
+            else:
+                o = (_field(words, 0, 2, scale, nzero, DTYPE), _field(words, 1, 2, scale, nzero, DTYPE),
+                     _field(words, 2, 2, scale, nzero, DTYPE), _field(words, 3, 2, scale, nzero, DTYPE),
+                     _field(words, 4, 2, scale, nzero, DTYPE), _field(words, 5, 2, scale, nzero, DTYPE),
+                     _field(words, 6, 2, scale, nzero, DTYPE), _field(words, 7, 2, scale, nzero, DTYPE),
+                     _field(words, 8, 2, scale, nzero, DTYPE), _field(words, 9, 2, scale, nzero, DTYPE),
+                     _field(words, 10, 2, scale, nzero, DTYPE), _field(words, 11, 2, scale, nzero, DTYPE),
+                     _field(words, 12, 2, scale, nzero, DTYPE), _field(words, 13, 2, scale, nzero, DTYPE),
+                     _field(words, 14, 2, scale, nzero, DTYPE), _field(words, 15, 2, scale, nzero, DTYPE))
+            t = _join16(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7],
+                        o[8], o[9], o[10], o[11], o[12], o[13], o[14], o[15])
+        return tl.reshape(t, (BLOCK_N, BLOCK_K))
+
+
 @triton.jit
 def _int_weight_loop(
     acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
@@ -175,6 +478,38 @@ def _int_weight_loop(
         scale = tl.load(s_ptr + offs_n * num_groups + g, mask=n_mask, other=0.0)
         zero = tl.load(z_ptr + offs_n * num_groups + g, mask=offs_n < zero_cols, other=mid).to(tl.float32)
         w = _codes_minus_zero(codes, zero, BITS, a.dtype) * scale.to(a.dtype)[:, None]
+        acc = tl.dot(a, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _int_weight_loop_fields(
+    acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
+    offs_n, n_mask, kt_begin, kt_end,
+    BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS_ALIGNED: tl.constexpr,
+    USE_ASM: tl.constexpr, PAIRED: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """2/3/4-bit weight-only codes, field-wise dequantization (see _dequant_tile)."""
+    words_per_row = K * BITS // 32
+    if WORDS_ALIGNED:
+        words_per_row = tl.multiple_of(words_per_row, 4)
+    mid: tl.constexpr = 1 << (BITS - 1)
+    for kt in range(kt_begin, kt_end):
+        k0 = kt * BLOCK_K
+        a = tl.load(a_ptrs + k0, mask=row_mask[:, None], other=0.0)
+        g = k0 // group
+        n2 = offs_n[:, None]
+        scale = tl.load(s_ptr + n2 * num_groups + g, mask=n_mask[:, None], other=0.0).to(a.dtype)
+        zero = tl.load(z_ptr + n2 * num_groups + g, mask=n2 < zero_cols, other=mid).to(tl.float32)
+        MAGIC: tl.constexpr = 1024.0 if a.dtype == tl.float16 else 128.0
+        nzero = (-(zero + MAGIC)).to(a.dtype)
+        if PAIRED:
+            a = _permute_k8(a, BLOCK_M, BLOCK_K)
+            w = _dequant_tile_w4_paired(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                                        BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
+        else:
+            w = _dequant_tile(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                              BITS, BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
         acc = tl.dot(a, tl.trans(w), acc)
     return acc
 
@@ -226,6 +561,7 @@ def _grouped_gemm_kernel(
     HAS_W2: tl.constexpr, HAS_W3: tl.constexpr, HAS_W4: tl.constexpr, HAS_W8: tl.constexpr,
     HAS_W8A8FP8: tl.constexpr, HAS_W4A8FP8: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, WORDS_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    DEQUANT: tl.constexpr = 0, USE_ASM: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -267,16 +603,34 @@ def _grouped_gemm_kernel(
     # Weight-only int schemes, one specialised loop per bit width.
     if HAS_W4:
         if (bits == 4) & int_act:
-            acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
-                                   offs_n, n_mask, kt_begin, kt_end, 4, BLOCK_K, BLOCK_N, WORDS_ALIGNED)
+            if DEQUANT == 0:
+                acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
+                                       offs_n, n_mask, kt_begin, kt_end, 4, BLOCK_K, BLOCK_N, WORDS_ALIGNED)
+            else:
+                acc = _int_weight_loop_fields(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group,
+                                              num_groups, K, offs_n, n_mask, kt_begin, kt_end, 4, BLOCK_K,
+                                              BLOCK_N, WORDS_ALIGNED, USE_ASM,
+                                              DEQUANT == 3, BLOCK_M)
     if HAS_W2:
         if bits == 2:
-            acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
-                                   offs_n, n_mask, kt_begin, kt_end, 2, BLOCK_K, BLOCK_N, WORDS_ALIGNED)
+            if DEQUANT == 0:
+                acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
+                                       offs_n, n_mask, kt_begin, kt_end, 2, BLOCK_K, BLOCK_N, WORDS_ALIGNED)
+            else:
+                acc = _int_weight_loop_fields(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group,
+                                              num_groups, K, offs_n, n_mask, kt_begin, kt_end, 2, BLOCK_K,
+                                              BLOCK_N, WORDS_ALIGNED, USE_ASM and BLOCK_M <= 32,
+                                              False, BLOCK_M)
     if HAS_W3:
         if bits == 3:
-            acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
-                                   offs_n, n_mask, kt_begin, kt_end, 3, BLOCK_K, BLOCK_N, WORDS_ALIGNED)
+            if DEQUANT == 0:
+                acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
+                                       offs_n, n_mask, kt_begin, kt_end, 3, BLOCK_K, BLOCK_N, WORDS_ALIGNED)
+            else:
+                acc = _int_weight_loop_fields(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group,
+                                              num_groups, K, offs_n, n_mask, kt_begin, kt_end, 3, BLOCK_K,
+                                              BLOCK_N, WORDS_ALIGNED, USE_ASM and BLOCK_M <= 32,
+                                              False, BLOCK_M)
     if HAS_W8:
         if (bits == 8) & int_act:
             acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
@@ -336,6 +690,26 @@ def grouped_gemm(
     elif tuple(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"grouped_gemm: out must be a contiguous {shape} tensor")
     grid = (routing.max_blocks, triton.cdiv(n, config.block_n), config.split_k)
+    dequant = resolve_dequant(config.dequant, config.block_m)
+    key = (kinds, config, a.dtype)
+    if dequant and key in _ASM_COMPILE_FAILED:
+        dequant = 0
+    try:
+        _launch(grid, a, a8, a_scale, weights, out, routed_weights, routing, n, k, a_row_div, kinds, config, dequant)
+    except Exception as e:  # a triton version that cannot compile the field-wise path for this config
+        if not dequant or "PassManager" not in str(e) and "CompilationError" not in type(e).__name__:
+            raise
+        _ASM_COMPILE_FAILED.add(key)
+        warnings.warn(f"grouped_gemm: dequant mode {dequant} failed to compile for {config} ({type(e).__name__}); "
+                      "using mode 0 for it", stacklevel=2)
+        _launch(grid, a, a8, a_scale, weights, out, routed_weights, routing, n, k, a_row_div, kinds, config, 0)
+    return out
+
+
+_ASM_COMPILE_FAILED: set = set()
+
+
+def _launch(grid, a, a8, a_scale, weights, out, routed_weights, routing, n, k, a_row_div, kinds, config, dequant):
     _grouped_gemm_kernel[grid](
         a, a8, a_scale,
         weights.qweight, weights.qweight.view(FP8_DTYPE), weights.scales, weights.zeros, weights.meta,
@@ -348,6 +722,6 @@ def grouped_gemm(
         # K % 128 == 0 makes every row and every expert block a multiple of 4 words (16-byte loads).
         WORDS_ALIGNED=k % 128 == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+        DEQUANT=dequant, USE_ASM=dequant >= 2 and not interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return out
