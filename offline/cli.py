@@ -16,12 +16,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vllm_mxmoe.format import read_quant_config
 from vllm_mxmoe.schemes import DEFAULT_SCHEMES, UnknownSchemeError, parse_scheme
+from vllm_mxmoe.sharding import describe_problems, max_tp_degree, shard_problems
 
 from .calibration import DEFAULT_CALIB_TOKENS, DEFAULT_SEQ_LEN
 from .export import build_quant_config, export_checkpoint
+from .gptq import CLIP_MODES
 from .model_spec import ModelSpecError, inspect_model
-from .pipeline import DEFAULT_BATCH_TOKENS, DEFAULT_R, quantize_mxmoe
+from .pipeline import (
+    BUDGET_SCOPES,
+    DEFAULT_BATCH_TOKENS,
+    DEFAULT_BUDGET_SCOPE,
+    DEFAULT_CLIP,
+    DEFAULT_LAYER_WEIGHTS,
+    DEFAULT_R,
+    LAYER_WEIGHTS,
+    quantize_mxmoe,
+)
 from .profile import DEFAULT_HOLDOUT, DEFAULT_SAMPLE_TOKENS
 from .quant_grid import quantize_rtn
 from .scheme_map import SchemeMapError, load_scheme_map, resolve_scheme_map, uniform_map
@@ -49,6 +61,28 @@ def _scheme_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _tp_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(t < 1 for t in sizes):
+        raise argparse.ArgumentTypeError(f"tensor-parallel sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def report_sharding(out_dir: str, model: str, tp_sizes: tuple[int, ...]) -> list[str]:
+    """Print which TP degrees the written checkpoint can be served at; return the warnings."""
+    qcfg = read_quant_config(out_dir)
+    spec = inspect_model(model)
+    args = (qcfg.experts, qcfg.schemes, spec.hidden_size, spec.expert_intermediate_size)
+    warnings = describe_problems(shard_problems(*args, list(tp_sizes)))
+    for line in warnings:
+        print(f"mxmoe-quantize: warning: {line}", file=sys.stderr)
+    print(f"experts shard up to --tensor-parallel-size {max_tp_degree(*args)} (any degree with --enable-expert-parallel)")
+    return warnings
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mxmoe-quantize",
@@ -65,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method", choices=["gptq", "rtn"],
         help="weight rounding (default: gptq with --wbits or --calib, else rtn)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tp-sizes", type=_tp_sizes, default=(),
+        help="tensor-parallel degrees you plan to serve at, e.g. 2,4: warn if a chosen down scheme cannot be split "
+        "that many ways (expert parallelism has no such limit)",
     )  # fmt: skip
     p.add_argument(
         "--shared-expert-scheme",
@@ -105,6 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--holdout", type=float, default=DEFAULT_HOLDOUT,
         help="share of calibration sequences that only measure sensitivities, not fit GPTQ "
         "(default 0: measure on GPTQ's own tokens, as the paper does)",
+    )  # fmt: skip
+    mx.add_argument(
+        "--budget-scope", choices=BUDGET_SCOPES, default=DEFAULT_BUDGET_SCOPE,
+        help="layer: every MoE layer meets --wbits on its own (one ILP per layer, the paper's); "
+        "model: --wbits is the average over all MoE layers (one ILP, bits move between layers). "
+        f"Default {DEFAULT_BUDGET_SCOPE}",
+    )  # fmt: skip
+    mx.add_argument(
+        "--layer-weights", choices=LAYER_WEIGHTS, default=DEFAULT_LAYER_WEIGHTS,
+        help="with --budget-scope model: fisher weighs each layer's sensitivities by the mean squared loss "
+        f"gradient at its output (one backward pass over a few calibration sequences); none: raw. "
+        f"Default {DEFAULT_LAYER_WEIGHTS}",
+    )  # fmt: skip
+    mx.add_argument(
+        "--clip", choices=CLIP_MODES, default=DEFAULT_CLIP,
+        help="quantization grid per group: mse (clipping search minimising the rounding error) or minmax; "
+        f"default {DEFAULT_CLIP}",
     )  # fmt: skip
     mx.add_argument("--cache-dir", help="where profile/sensitivity caches live (default: OUT/cache)")
     mx.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -152,6 +208,7 @@ def run_pipeline(args: argparse.Namespace) -> str:
         hadamard=True if args.hadamard is None else args.hadamard, seed=args.seed,
         granularity=args.granularity, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
         sample_tokens=args.sample_tokens, holdout=args.holdout, cache_dir=args.cache_dir, device=args.device,
+        budget_scope=args.budget_scope, clip=args.clip, layer_weights=args.layer_weights,
     )  # fmt: skip
     report = result.report
     print(
@@ -166,6 +223,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = run_pipeline(args) if _uses_pipeline(args) else quantize(args)
+        report_sharding(out, args.model, args.tp_sizes)
     except (ModelSpecError, SchemeMapError, UnknownSchemeError, ValueError, OSError) as e:
         print(f"mxmoe-quantize: error: {e}", file=sys.stderr)
         return 2

@@ -38,9 +38,10 @@ import torch
 from vllm_mxmoe.format import QuantizedWeight, encode
 from vllm_mxmoe.schemes import Scheme
 
-from .quant_grid import as_float_weight, fit_grid, quantize_dequantize
+from .quant_grid import as_float_weight, fit_grid, fit_grid_mse, quantize_dequantize
 
 DEFAULT_PERCDAMP = 0.01
+CLIP_MODES = ("minmax", "mse")
 DEFAULT_BLOCK_SIZE = 128
 # Dampening tried after percdamp when the Cholesky factorisation fails.
 _DAMP_RETRIES = (0.1, 1.0, 10.0)
@@ -121,6 +122,7 @@ def run_gptq(
     block_size: int = DEFAULT_BLOCK_SIZE,
     act_order: bool = True,
     static_groups: bool = True,
+    clip: str = "minmax",
 ) -> GPTQResult:
     """Run GPTQ on `w` [N, K] (any float dtype, any device) with Hessian [K, K].
 
@@ -130,11 +132,16 @@ def run_gptq(
         False is the original paper's dynamic grids (natural order only); at
         2 bits those can be worse than RTN, as error feedback inflates the
         later groups' ranges.
+    clip: "minmax" (each group's grid spans its range) or "mse" (each static
+        group's range is clipped to minimise its Hessian-diagonal-weighted
+        rounding error, ``quant_grid.fit_grid_mse``).
     """
+    if clip not in CLIP_MODES:
+        raise ValueError(f"GPTQ: clip must be one of {CLIP_MODES}, got {clip!r}")
     weight = as_float_weight(w, scheme)
     h = _checked_hessian(hessian, weight)
     if not (h.diagonal() > 0).any():
-        return _rtn_result(weight, scheme)  # no calibration sample: nothing to compensate with
+        return _rtn_result(weight, scheme, clip)  # no calibration sample: nothing to compensate with
     if act_order and not static_groups:
         raise ValueError("GPTQ: act_order needs static_groups (format v1 stores no g_idx)")
 
@@ -143,16 +150,20 @@ def run_gptq(
     # input unseen in a small calibration set can still occur at inference.
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
+    importance = h.diagonal().float()  # before dampening: the columns' share of the output error
 
     k = weight.shape[1]
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k, device=h.device)
     hinv = _upper_cholesky_of_inverse(h[order][:, order], percdamp)
     if hinv is None:
         warnings.warn("GPTQ: Hessian not positive definite even with heavy dampening; using RTN")
-        return _rtn_result(weight, scheme)
+        return _rtn_result(weight, scheme, clip)
 
     dynamic = not static_groups and scheme.group(k) < k and not scheme.weight_is_fp8
-    grid = _Grid.empty(weight, scheme) if dynamic else _Grid.fitted(weight, scheme)
+    if dynamic:
+        grid = _Grid.empty(weight, scheme)
+    else:
+        grid = _Grid.fitted(weight, scheme, importance if clip == "mse" else None, clip)
     quantized = _gptq_pass(weight[:, order], hinv, order.tolist(), grid, block_size, dynamic)
     return GPTQResult(quantized[:, torch.argsort(order)], grid.scale, grid.zero, scheme, used_rtn=False)
 
@@ -177,8 +188,15 @@ class _Grid:
     zero: torch.Tensor | None
 
     @classmethod
-    def fitted(cls, weight: torch.Tensor, scheme: Scheme) -> _Grid:
-        return cls(scheme, scheme.group(weight.shape[1]), *fit_grid(weight, scheme))
+    def fitted(
+        cls,
+        weight: torch.Tensor,
+        scheme: Scheme,
+        importance: torch.Tensor | None = None,
+        clip: str = "minmax",
+    ) -> _Grid:
+        grid = fit_grid_mse(weight, scheme, importance) if clip == "mse" else fit_grid(weight, scheme)
+        return cls(scheme, scheme.group(weight.shape[1]), *grid)
 
     @classmethod
     def empty(cls, weight: torch.Tensor, scheme: Scheme) -> _Grid:
@@ -236,8 +254,8 @@ def _gptq_pass(
     return quantized
 
 
-def _rtn_result(weight: torch.Tensor, scheme: Scheme) -> GPTQResult:
-    scale, zero = fit_grid(weight, scheme)
+def _rtn_result(weight: torch.Tensor, scheme: Scheme, clip: str = "minmax") -> GPTQResult:
+    scale, zero = fit_grid_mse(weight, scheme) if clip == "mse" else fit_grid(weight, scheme)
     g = scheme.group(weight.shape[1])
     per_column_zero = None if zero is None else zero.repeat_interleave(g, dim=1)
     fake = quantize_dequantize(weight, scale.repeat_interleave(g, dim=1), per_column_zero, scheme)

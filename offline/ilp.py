@@ -220,6 +220,55 @@ def allocate(problem: LayerProblem, r: float, granularity: Granularity = "block"
     return _make_allocation(problem, groups, choice, r, granularity)
 
 
+def joint_problem(problems: Sequence[LayerProblem]) -> LayerProblem:
+    """One problem over the experts of all ``problems`` (layers): the budget then holds
+    for their weights together (the model's average), not for each layer.
+
+    Losses are summed across layers as given: scale each layer's Δ first (the
+    pipeline's Fisher weights) if the layers' units differ. On the reference
+    model the sum of per-block Δ matched the measured output error of a whole
+    quantized layer within ±15% (additivity), see benchmarks/RESULTS.md.
+    """
+    if not problems:
+        raise ValueError("joint_problem needs at least one layer problem")
+    first = problems[0]
+    for p in problems[1:]:
+        if p.schemes != first.schemes or p.budget_bits != first.budget_bits:
+            raise ValueError("joint_problem: layers must share candidate schemes and budget")
+    return LayerProblem(
+        schemes=first.schemes,
+        loss=np.concatenate([p.loss for p in problems]),
+        time_us=np.concatenate([p.time_us for p in problems]),
+        storage_bits=np.concatenate([p.storage_bits for p in problems]),
+        num_elements=sum(p.num_elements for p in problems),
+        budget_bits=first.budget_bits,
+    )
+
+
+def split_allocation(allocation: Allocation, problems: Sequence[LayerProblem]) -> list[Allocation]:
+    """The per-layer parts of an allocation of ``joint_problem(problems)``."""
+    parts, start = [], 0
+    for p in problems:
+        stop = start + p.num_experts
+        gate_up, down = allocation.gate_up[start:stop], allocation.down[start:stop]
+        idx = {name: i for i, name in enumerate(p.schemes)}
+        picked = np.array([[idx[g], idx[d]] for g, d in zip(gate_up, down)])
+        e_idx = np.arange(p.num_experts)[:, None]
+        u_idx = np.arange(len(UNITS))[None, :]
+        total_bits = int(p.storage_bits[e_idx, u_idx, picked].sum())
+        loss = float(p.loss[e_idx, u_idx, picked].sum())
+        time_us = float(p.time_us[e_idx, u_idx, picked].sum())
+        parts.append(
+            Allocation(
+                gate_up=gate_up, down=down, total_bits=total_bits, avg_bits=total_bits / p.num_elements,
+                loss=loss, time_us=time_us, objective=allocation.objective, r=allocation.r,
+                granularity=allocation.granularity,
+            )
+        )  # fmt: skip
+        start = stop
+    return parts
+
+
 def pareto_front(
     problem: LayerProblem, rs: Sequence[float] = DEFAULT_RS, granularity: Granularity = "block"
 ) -> list[ParetoPoint]:
@@ -238,18 +287,28 @@ def choose_r_auto(
 
     Both axes are normalised to the front's own extent first, so the knee does
     not depend on units. If one axis does not vary, the best point on the other
-    is returned. Ties go to the larger r (the more accurate point).
+    is returned. Ties go to the larger r (the more accurate point). A front whose
+    fastest point saves less than ``MIN_TIME_GAIN`` of the slowest point's time
+    has nothing worth trading accuracy for: its most accurate point is returned
+    (the extent normalisation would otherwise trade many times the loss for a
+    fraction of a percent of time, as the roofline predicts for small experts).
     """
     return knee_point(pareto_front(problem, rs, granularity))
 
 
-def knee_point(points: Sequence[ParetoPoint]) -> ParetoPoint:
+# r="auto" trades accuracy for speed only if the front spans at least this share of time.
+MIN_TIME_GAIN = 0.02
+
+
+def knee_point(points: Sequence[ParetoPoint], min_time_gain: float = MIN_TIME_GAIN) -> ParetoPoint:
     """The knee of given front points (see choose_r_auto)."""
     if not points:
         raise ValueError("knee_point needs at least one point")
     losses = np.array([p.loss for p in points])
     times = np.array([p.time_us for p in points])
     loss_span, time_span = np.ptp(losses), np.ptp(times)
+    if time_span <= min_time_gain * times.max():
+        time_span = 0.0  # no speed worth trading for: the most accurate point
     if loss_span == 0 or time_span == 0:
         key = times if loss_span == 0 else losses
         candidates = np.flatnonzero(key == key.min())

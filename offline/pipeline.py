@@ -11,9 +11,20 @@
 * profile / sensitivity: cached under ``<out>/cache`` (or ``cache_dir``), keyed
   by a hash of everything they depend on; another --wbits, --r, --granularity
   or --batch-tokens reuses both.
-* allocate: per MoE layer, ``ilp.allocate`` at a fixed r, or the knee of the
-  Pareto front (r="auto"); times come from the perf model at the tokens each
-  expert sees (activation frequency x batch_tokens).
+* allocate: ``ilp.allocate`` at a fixed r, or the knee of the Pareto front
+  (r="auto"); times come from the perf model at the tokens each expert sees
+  (activation frequency x batch_tokens). By default (budget_scope="layer")
+  every layer is solved alone within the budget (the paper's per-layer ILP);
+  budget_scope="model" solves one ILP over all MoE layers, so the budget holds
+  for the model's expert weights as a whole and bits can move between layers,
+  with each layer's Δ weighted by its Fisher gain (layer_weights="fisher",
+  profile.layer_output_gains) so that Δ of different layers is comparable. On
+  the reference model the model-wide budget helped with min/max grids but not
+  with the MSE-clipped ones (benchmarks/RESULTS.md), hence not the default.
+* grids: every scheme's per-group scale/zero come from an MSE clipping search
+  (clip="mse", Hessian-diagonal weighted; "minmax" = the full range), the same
+  for the sensitivity measurement, the allocation's quantization and a given
+  (uniform) allocation.
 * quantize: each block with its scheme through ``sensitivity.quantize_unit``,
   the same function that measured Δ, so the checkpoint holds what was predicted.
 
@@ -47,7 +58,17 @@ from .calibration import (
     model_max_positions,
 )
 from .export import build_quant_config, export_checkpoint
-from .ilp import UNITS, LayerProblem, allocate, knee_point, pareto_front, unit_shapes
+from .gptq import CLIP_MODES
+from .ilp import (
+    UNITS,
+    LayerProblem,
+    allocate,
+    joint_problem,
+    knee_point,
+    pareto_front,
+    split_allocation,
+    unit_shapes,
+)
 from .model_spec import MoEModelSpec, inspect_model, tensor_names
 from .perf_model import PerfModel
 from .profile import (
@@ -57,6 +78,7 @@ from .profile import (
     MoELayer,
     ProfileStore,
     find_moe_layers,
+    layer_output_gains,
     profile_model,
 )
 from .report import LayerResult, build_report, plot_report, write_report
@@ -69,6 +91,11 @@ CACHE_VERSION = 2
 DEFAULT_R = 0.75
 DEFAULT_BATCH_TOKENS = 1024
 GRANULARITIES = ("block", "expert")
+BUDGET_SCOPES = ("layer", "model")
+DEFAULT_BUDGET_SCOPE = "layer"
+DEFAULT_CLIP = "mse"
+LAYER_WEIGHTS = ("fisher", "none")
+DEFAULT_LAYER_WEIGHTS = "fisher"
 
 
 class PipelineError(ValueError):
@@ -89,6 +116,13 @@ class QuantizeOptions:
     hadamard: bool = True
     seed: int = 0  # of the Hadamard signs and the profile's token sampling
     granularity: str = "block"  # "expert": one scheme for all blocks of an expert
+    # "layer": one ILP per layer, each within the budget (the paper's); "model": one ILP,
+    # the budget holds for all MoE layers together (bits move between layers)
+    budget_scope: str = DEFAULT_BUDGET_SCOPE
+    clip: str = DEFAULT_CLIP  # quantization grid: "mse" clipping search or "minmax"
+    # with budget_scope="model": "fisher" weighs each layer's Δ by the mean squared
+    # gradient of the loss at its output (profile.layer_output_gains); "none": raw Δ
+    layer_weights: str = DEFAULT_LAYER_WEIGHTS
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS  # routed tokens kept per expert for Δ
@@ -121,6 +155,16 @@ class QuantizeOptions:
             raise PipelineError(
                 f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
             )
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise PipelineError(
+                f"--budget-scope must be one of {', '.join(BUDGET_SCOPES)}, got {self.budget_scope!r}"
+            )
+        if self.layer_weights not in LAYER_WEIGHTS:
+            raise PipelineError(
+                f"--layer-weights must be one of {', '.join(LAYER_WEIGHTS)}, got {self.layer_weights!r}"
+            )
+        if self.clip not in CLIP_MODES:
+            raise PipelineError(f"--clip must be one of {', '.join(CLIP_MODES)}, got {self.clip!r}")
         for name in ("batch_tokens", "calib_tokens", "seq_len", "sample_tokens", "batch_size"):
             if not getattr(self, name) > 0:
                 raise PipelineError(f"{name} must be positive, got {getattr(self, name)}")
@@ -212,7 +256,8 @@ class _Pipeline:
         store = self._profile(model, moe_layers, sequences) if opts.needs_calibration else None
         if fixed is None:
             losses = self._sensitivity(moe_layers, store)
-            layers = self._allocate(moe_layers, store, losses, perf)
+            gains = self.gains = self._layer_gains(model, moe_layers, store, sequences)
+            layers = self._allocate(moe_layers, store, losses, perf, gains)
         else:
             self.stages["sensitivity"] = self.stages["allocate"] = "skipped"
             layers = self._given(moe_layers, store, fixed)
@@ -286,7 +331,9 @@ class _Pipeline:
 
     def _sensitivity(self, moe_layers: list[MoELayer], store: ProfileStore) -> dict[str, np.ndarray]:
         o = self.opts
-        key = _hash({"profile": store.folder.name, "schemes": list(o.schemes), "method": o.method})
+        key = _hash(
+            {"profile": store.folder.name, "schemes": list(o.schemes), "method": o.method, "clip": o.clip}
+        )
         path = self.cache / f"sensitivity-{key}.pt"
         if path.is_file():
             self.stages["sensitivity"] = "cached"
@@ -299,7 +346,7 @@ class _Pipeline:
                 experts = layer.experts
                 losses[layer.prefix] = layer_sensitivity(
                     experts.gate_up_proj, experts.down_proj, experts.act_fn,
-                    store.load(layer.prefix), o.schemes, o.method, bar,
+                    store.load(layer.prefix), o.schemes, o.method, bar, o.clip,
                 )  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -308,6 +355,23 @@ class _Pipeline:
         )
         tmp.rename(path)
         return losses
+
+    def _layer_gains(self, model, moe_layers, store: ProfileStore, sequences) -> dict[str, float] | None:
+        """Fisher weight of every layer's Δ (model-wide budget only; cached next to the profile)."""
+        o = self.opts
+        if o.budget_scope != "model" or o.layer_weights == "none":
+            self.stages["layer_gains"] = "skipped"
+            return None
+        path = self.cache / f"gains-{store.folder.name}.json"
+        if path.is_file():
+            self.stages["layer_gains"] = "cached"
+            return json.loads(path.read_text())
+        self.stages["layer_gains"] = "computed"
+        gains = layer_output_gains(model, moe_layers, sequences)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(gains))
+        tmp.rename(path)
+        return gains
 
     # -- allocation -----------------------------------------------------------
 
@@ -320,25 +384,50 @@ class _Pipeline:
         return counts, num_tokens, [c / num_tokens * self.opts.batch_tokens for c in counts]
 
     def _allocate(
-        self, moe_layers: list[MoELayer], store: ProfileStore, losses: dict, perf: PerfModel
+        self,
+        moe_layers: list[MoELayer],
+        store: ProfileStore,
+        losses: dict,
+        perf: PerfModel,
+        gains: dict[str, float] | None = None,
     ) -> list[LayerResult]:
         o = self.opts
         hidden, inter = self.spec.hidden_size, self.spec.expert_intermediate_size
-        results = []
-        for layer in tqdm(moe_layers, desc="allocate", unit="layer"):
-            loss = losses[layer.prefix]
+        problems, stats = [], []
+        mean_gain = None if not gains else float(np.mean(list(gains.values())))
+        weights = []
+        for layer in moe_layers:
+            # Fisher weight: makes Δ comparable across layers (the mean keeps Δ's scale)
+            weights.append(gains[layer.prefix] / mean_gain if mean_gain else 1.0)
+            loss = losses[layer.prefix] * weights[-1]
             counts, num_tokens, tokens = self._expected_tokens(store, layer.prefix, loss.shape[0])
-            problem = LayerProblem.from_perf_model(o.schemes, hidden, inter, loss, tokens, perf, o.wbits)
+            problems.append(
+                LayerProblem.from_perf_model(o.schemes, hidden, inter, loss, tokens, perf, o.wbits)
+            )
+            stats.append((counts, num_tokens, tokens))
+
+        def solve(problem: LayerProblem):
             front = pareto_front(problem, granularity=o.granularity)
             if o.r == "auto":
-                chosen = knee_point(front).allocation
-            else:
-                chosen = allocate(problem, float(o.r), o.granularity)
+                return knee_point(front).allocation, front
+            return allocate(problem, float(o.r), o.granularity), front
+
+        self.model_front = None
+        if o.budget_scope == "model":
+            chosen, self.model_front = solve(joint_problem(problems))
+            solved = [(part, None) for part in split_allocation(chosen, problems)]
+        else:
+            solved = [solve(problem) for problem in tqdm(problems, desc="allocate", unit="layer")]
+        results = []
+        for layer, problem, (counts, num_tokens, tokens), (chosen, front), weight in zip(
+            moe_layers, problems, stats, solved, weights
+        ):
             results.append(
                 LayerResult(
                     prefix=layer.prefix, gate_up=list(chosen.gate_up), down=list(chosen.down),
                     counts=counts, num_tokens=num_tokens, tokens=tokens, schemes=list(o.schemes),
                     loss=problem.loss, time_us=problem.time_us, r=chosen.r, front=front,
+                    loss_weight=weight,
                 )
             )  # fmt: skip
         self.stages["allocate"] = "computed"
@@ -389,7 +478,7 @@ class _Pipeline:
         else:
             hessian = (profile.gate_up_hessian if unit == "gate_up" else profile.down_hessian)[expert]
         return quantize_unit(
-            weight.float(), hessian.to(weight.device), parse_scheme(scheme), self.opts.method
+            weight.float(), hessian.to(weight.device), parse_scheme(scheme), self.opts.method, self.opts.clip
         )
 
     def _export(self, model, rotation, layers: list[LayerResult], packed: dict[str, QuantizedWeight]) -> None:
@@ -438,7 +527,12 @@ class _Pipeline:
             "stages": dict(self.stages),
             "budget_bits": self.opts.wbits,
         }
-        report = build_report(layers, self.spec.hidden_size, self.spec.expert_intermediate_size, header)
+        if getattr(self, "gains", None) is not None:
+            header["layer_gains"] = self.gains
+        report = build_report(
+            layers, self.spec.hidden_size, self.spec.expert_intermediate_size, header,
+            model_front=getattr(self, "model_front", None),
+        )  # fmt: skip
         write_report(report, self.out)
         report["plots"] = [p.name for p in plot_report(report, self.out)]
         write_report(report, self.out)

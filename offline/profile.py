@@ -340,3 +340,67 @@ def profile_model(
     shutil.rmtree(store.folder, ignore_errors=True)
     tmp.rename(store.folder)
     return store
+
+
+# ---------------------------------------------------------------------------
+# How much each MoE layer's output error costs at the model's output
+
+DEFAULT_GAIN_SEQUENCES = 8
+
+
+def layer_output_gains(
+    model: nn.Module,
+    moe_layers: list[MoELayer],
+    sequences: torch.Tensor,
+    max_sequences: int = DEFAULT_GAIN_SEQUENCES,
+) -> dict[str, float]:
+    """Per MoE layer, the mean over calibration tokens of ||dNLL/dy_t||^2, y_t the
+    layer's experts output at token t (the empirical Fisher of that output).
+
+    To second order an output error δ_t of a layer raises the model's loss by
+    about ½ δ_tᵀ F_t δ_t; for an error not aligned with the gradient that is
+    ½ ||g_t||² ||δ_t||² / hidden, so a layer's ΣΔ times its gain is comparable
+    across layers, which raw ΣΔ is not (errors of deeper layers live on a
+    larger residual stream). Costs one forward and backward pass per sequence
+    (at most ``max_sequences``, evenly spread), one sequence at a time; weights
+    get no gradients.
+    """
+    device = next(model.parameters()).device
+    chosen = sequences[
+        torch.linspace(0, len(sequences) - 1, min(max_sequences, len(sequences))).round().long().unique()
+    ]
+    sums = {layer.prefix: 0.0 for layer in moe_layers}
+    tokens = 0
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = []
+
+    def watch(prefix):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if out.requires_grad:
+                out.register_hook(
+                    lambda g: sums.__setitem__(prefix, sums[prefix] + float(g.double().pow(2).sum()))
+                )
+
+        return hook
+
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for layer in moe_layers:
+            handles.append(layer.experts.register_forward_hook(watch(layer.prefix)))
+        embed = model.get_input_embeddings()
+        with torch.enable_grad():
+            for seq in chosen:
+                ids = seq[None].to(device)
+                inputs = embed(ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=inputs, use_cache=False).logits[0, :-1].float()
+                nll = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
+                nll.backward()
+                tokens += ids.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return {prefix: total / max(tokens, 1) for prefix, total in sums.items()}

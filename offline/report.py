@@ -34,6 +34,7 @@ class LayerResult:
     time_us: np.ndarray | None = None  # predicted µs [E, 2, S]
     r: float | None = None  # trade-off the layer was solved at
     front: list[ParetoPoint] | None = None
+    loss_weight: float = 1.0  # loss = measured Δ x this (the layer's Fisher weight, or 1)
 
 
 def _unit_bits(scheme_name: str, shape: tuple[int, int]) -> int:
@@ -68,6 +69,7 @@ def _layer_entry(layer: LayerResult, hidden: int, inter: int) -> dict[str, Any]:
         "storage_bits": total_bits,
         "weight_elements": elements,
         "r": layer.r,
+        "loss_weight": layer.loss_weight,
         "experts": experts,
     }
     if layer.loss is not None:
@@ -99,9 +101,17 @@ def _model_front(layers: list[dict]) -> list[dict] | None:
 
 
 def build_report(
-    layers: list[LayerResult], hidden: int, inter: int, header: dict[str, Any]
+    layers: list[LayerResult],
+    hidden: int,
+    inter: int,
+    header: dict[str, Any],
+    model_front: list[ParetoPoint] | None = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-able dict; ``header`` (model, options, stages ...) goes first."""
+    """The report as a JSON-able dict; ``header`` (model, options, stages ...) goes first.
+
+    ``model_front``: the Pareto front of a model-wide allocation (one ILP over all
+    layers); without it the model front is the per-r sum of the layers' fronts.
+    """
     entries = [_layer_entry(layer, hidden, inter) for layer in layers]
     total_bits = sum(e["storage_bits"] for e in entries)
     elements = sum(e["weight_elements"] for e in entries)
@@ -112,7 +122,13 @@ def build_report(
     if all("predicted_loss" in e for e in entries):
         report["predicted_loss"] = sum(e["predicted_loss"] for e in entries)
         report["predicted_time_us"] = sum(e["predicted_time_us"] for e in entries)
-    front = _model_front(entries)
+    if model_front is not None:
+        front = [
+            {"r": p.r, "loss": p.loss, "time_us": p.time_us, "avg_bits": p.allocation.avg_bits}
+            for p in model_front
+        ]
+    else:
+        front = _model_front(entries)
     if front is not None:
         report["pareto_front"] = front
     report["layers"] = entries

@@ -33,7 +33,7 @@ from vllm_mxmoe.schemes import Scheme, parse_scheme
 from .gptq import run_gptq
 from .ilp import UNITS
 from .profile import LayerProfile
-from .quant_grid import fit_grid
+from .quant_grid import fit_grid, fit_grid_mse
 
 METHODS = ("gptq", "rtn")
 
@@ -54,17 +54,27 @@ class QuantizedUnit:
         return encode(self.fake_quantized[rows], self.scale[rows], zero, self.scheme)
 
 
-def quantize_unit(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, method: str) -> QuantizedUnit:
+def quantize_unit(
+    w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, method: str, clip: str = "minmax"
+) -> QuantizedUnit:
     """GPTQ (with ``hessian``; RTN when it holds no sample) or RTN of one unit's weight [N, K].
 
     Gate and up are quantized together as one gate_up matrix: they share a
     scheme and an input Hessian, and GPTQ treats rows independently.
+    ``clip``: "minmax" grids, or "mse" clipping search (for RTN weighted by the
+    Hessian diagonal when the Hessian has samples).
     """
     if method == "gptq":
-        result = run_gptq(w, hessian, scheme)
+        result = run_gptq(w, hessian, scheme, clip=clip)
         return QuantizedUnit(result.fake_quantized, result.scale, result.zero, scheme)
     if method == "rtn":
-        scale, zero = fit_grid(w, scheme)
+        if clip == "mse":
+            diag = hessian.diagonal().float()
+            scale, zero = fit_grid_mse(w, scheme, diag if bool((diag > 0).any()) else None)
+        elif clip == "minmax":
+            scale, zero = fit_grid(w, scheme)
+        else:
+            raise ValueError(f"clip must be 'minmax' or 'mse', got {clip!r}")
         fake = dequantize(encode(w.detach().float(), scale, zero, scheme), w.shape[1])
         return QuantizedUnit(fake, scale, zero, scheme)
     raise ValueError(f"unknown quantization method {method!r} (choose from {', '.join(METHODS)})")
@@ -93,6 +103,7 @@ def layer_sensitivity(
     schemes: Sequence[str],
     method: str,
     progress: tqdm | None = None,
+    clip: str = "minmax",
 ) -> np.ndarray:
     """Δ as an array [experts, 2 units (gate_up, down), schemes] (float64, >= 0).
 
@@ -118,7 +129,7 @@ def layer_sensitivity(
         for s, scheme in enumerate(parsed):
             for u, unit in enumerate(UNITS):
                 weight = w_gate_up if unit == "gate_up" else w_down
-                fake = quantize_unit(weight, hessians[unit].to(device), scheme, method).fake_quantized
+                fake = quantize_unit(weight, hessians[unit].to(device), scheme, method, clip).fake_quantized
                 y = (
                     expert_output(x, fake, w_down, act_fn)
                     if unit == "gate_up"

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from offline.gptq import HessianAccumulator, gptq_fake_quantize, gptq_quantize, run_gptq
-from offline.quant_grid import MIN_SCALE, fake_quantize, fit_grid, quantize_rtn
+from offline.quant_grid import (
+    MIN_SCALE,
+    fake_quantize,
+    fit_grid,
+    fit_grid_mse,
+    quantize_dequantize,
+    quantize_rtn,
+)
 from vllm_mxmoe.format import dequantize, tensor_specs
 from vllm_mxmoe.schemes import KNOWN_SCHEMES, parse_scheme
 
@@ -259,3 +266,56 @@ def test_nan_hessian_is_an_error():
     hessian[3, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         run_gptq(torch.randn(N, K), hessian, parse_scheme("w4g128"))
+
+
+# ---------------------------------------------------------------------------
+# MSE clipping search
+
+
+def grid_error(w, scale, zero, scheme, importance=None):
+    """Per-group weighted rounding error of a grid, computed from the stored tensors."""
+    n, k = w.shape
+    g = scheme.group(k)
+    fq = quantize_dequantize(
+        w,
+        scale.repeat_interleave(g, dim=1),
+        None if zero is None else zero.repeat_interleave(g, dim=1),
+        scheme,
+    )
+    imp = torch.ones(k) if importance is None else importance
+    return ((fq - w).pow(2) * imp).reshape(n, k // g, g).sum(-1)
+
+
+@pytest.mark.parametrize("name", ["w2g128", "w3g128", "w4g128", "w3", "w4g128_sym", "w2g64"])
+def test_mse_grid_never_worse_and_better_on_heavy_tails(name):
+    scheme = parse_scheme(name)
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((N, K))  # heavy tails: clipping pays
+    importance = torch.rand(K) + 0.1
+    for imp in (None, importance):
+        minmax = grid_error(w, *fit_grid(w, scheme), scheme, imp)
+        scale, zero = fit_grid_mse(w, scheme, imp)
+        assert scale.dtype == torch.float16 and (scale > 0).all()
+        if zero is not None:
+            assert zero.dtype == torch.float16 and zero.min() >= 0 and zero.max() <= scheme.qmax
+        mse = grid_error(w, scale, zero, scheme, imp)
+        assert (mse <= minmax * (1 + 1e-6)).all()  # p = 1 is among the candidates
+        assert mse.sum() < 0.95 * minmax.sum()
+    # the stored grid round-trips through the format exactly
+    qw = quantize_rtn(w, scheme)
+    assert torch.equal(dequantize(qw, K), fake_quantize(w, scheme))
+
+
+@pytest.mark.parametrize("name", ["w3g128", "w2g128"])
+def test_gptq_with_mse_clipping(layer, name):
+    """clip="mse": a valid checkpoint grid, and no worse than min/max grids on held-out inputs."""
+    weight, hessian, x = layer
+    heavy = weight * (1 + 4 * (torch.rand_like(weight) > 0.98))  # a few outlier weights per group
+    scheme = parse_scheme(name)
+    minmax = run_gptq(heavy, hessian, scheme)
+    mse = run_gptq(heavy, hessian, scheme, clip="mse")
+    assert not torch.equal(mse.scale, minmax.scale)
+    assert torch.equal(dequantize(mse.to_quantized_weight(), K), mse.fake_quantized)
+    assert output_error(heavy, mse.fake_quantized, x) < output_error(heavy, minmax.fake_quantized, x)
+    with pytest.raises(ValueError, match="clip"):
+        run_gptq(weight, hessian, scheme, clip="percentile")

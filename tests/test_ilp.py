@@ -15,8 +15,10 @@ from offline.ilp import (
     ParetoPoint,
     allocate,
     choose_r_auto,
+    joint_problem,
     knee_point,
     pareto_front,
+    split_allocation,
 )
 from offline.perf_model import PerfModel
 from vllm_mxmoe.schemes import parse_scheme
@@ -253,6 +255,27 @@ def test_knee_point_on_hand_made_fronts() -> None:
         knee_point([])
 
 
+def test_knee_point_does_not_trade_accuracy_for_negligible_time() -> None:
+    # the same shape as above, but the whole front saves only 1% of the time:
+    # nothing worth trading for, so the most accurate point
+    front = [
+        _point(0.0, 10.0, 100.0),
+        _point(0.5, 2.0, 100.2),
+        _point(0.7, 1.5, 100.6),
+        _point(1.0, 1.0, 101.0),
+    ]
+    assert knee_point(front).r == 1.0
+    assert knee_point(front, min_time_gain=0.0).r == 0.5  # the plain knee
+    # 10% of the time is worth it: the knee as before
+    wide = [
+        _point(0.0, 10.0, 100.0),
+        _point(0.5, 2.0, 102.0),
+        _point(0.7, 1.5, 106.0),
+        _point(1.0, 1.0, 110.0),
+    ]
+    assert knee_point(wide).r == 0.5
+
+
 def test_realistic_layer_solves_fast() -> None:
     # 60 experts x 2 units x 6 schemes, times from the perf model at skewed loads
     schemes = ("w2g128", "w3g128", "w4g128", "w8", "w8a8fp8", "w4a8fp8")
@@ -267,3 +290,42 @@ def test_realistic_layer_solves_fast() -> None:
     assert allocation.avg_bits <= 3.25
     assert len(allocation.gate_up) == 60
     assert elapsed < 1.0, f"60x2x6 layer took {elapsed:.2f} s"
+
+
+# ---------------------------------------------------------------------------
+# Model-wide budget (joint problem over layers)
+
+
+def test_joint_problem_matches_brute_force_and_never_loses_to_per_layer_budgets() -> None:
+    """Two layers of 2 experts: the joint ILP is the brute-force optimum over both layers
+    under the model-wide budget, which can be spent unevenly, and its ΣΔ is at most
+    the sum of the per-layer optima (their allocations are feasible for it)."""
+    rng = np.random.default_rng(3)
+    uneven = 0
+    for trial in range(6):
+        budget = float(rng.uniform(2.6, 4.5))
+        layers = [random_problem(10 * trial + i, budget, experts=2) for i in range(2)]
+        layers[1] = LayerProblem.from_shapes(  # a much more sensitive second layer
+            SCHEMES, HIDDEN, INTER, layers[1].loss * rng.uniform(1, 20), layers[1].time_us, budget
+        )
+        joint = joint_problem(layers)
+        assert joint.num_experts == 4 and joint.num_elements == sum(p.num_elements for p in layers)
+        allocation = allocate(joint, 1.0)
+        best = min(f[1] for f in brute_force(joint, 1.0, "block"))
+        assert allocation.loss == pytest.approx(best, rel=1e-9)
+        assert Fraction(allocation.total_bits) <= Fraction(budget) * joint.num_elements
+        per_layer = sum(allocate(p, 1.0).loss for p in layers)
+        assert allocation.loss <= per_layer * (1 + 1e-12)
+        parts = split_allocation(allocation, layers)
+        assert sum(p.total_bits for p in parts) == allocation.total_bits
+        assert sum(p.loss for p in parts) == pytest.approx(allocation.loss, rel=1e-12)
+        assert parts[0].gate_up + parts[1].gate_up == allocation.gate_up
+        uneven += any(p.avg_bits > budget for p in parts)
+    assert uneven  # some budget moved between layers
+
+
+def test_joint_problem_rejects_mismatched_layers() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        joint_problem([])
+    with pytest.raises(ValueError, match="share"):
+        joint_problem([random_problem(0, 3.0), random_problem(1, 3.5)])

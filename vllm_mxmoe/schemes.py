@@ -118,8 +118,10 @@ def parse_scheme(name: str) -> Scheme:
     return Scheme(name, bits, group, bool(m["sym"]), act)
 
 
-# The schemes the allocator considers by default, cheapest first.
-DEFAULT_SCHEMES = ("w2g128", "w3g128", "w4g128", "w8")
+# The schemes the allocator considers by default, cheapest first. Per-channel w2
+# (2 + 32/K bits) is the one scheme below 2.25 bits: without it a 2.25-bit budget
+# leaves no choice but w2g128 everywhere.
+DEFAULT_SCHEMES = ("w2", "w2g128", "w3g128", "w4g128", "w8")
 KNOWN_SCHEMES = (
     "w2g128", "w3g128", "w4g128", "w8g128",
     "w2", "w3", "w4", "w8",
