@@ -49,16 +49,11 @@ def run_accuracy(ckpt: str, windows_file: str) -> None:
     (OUT / "accuracy.json").write_text(json.dumps(result, indent=1))
 
 
-def run_throughput(model_dir: str, tag: str, batches: list[int], latency_batches: list[int]) -> None:
-    import numpy as np
-    from vllm import LLM, SamplingParams
+def measure_throughput(llm, tag: str, batches: list[int], rng) -> dict[int, float]:
+    """Output tokens/s per batch size (random 128-token prompts, 128 tokens out), written to $OUT."""
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    t0 = time.perf_counter()
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
-              gpu_memory_utilization=0.85, max_num_seqs=256)  # fmt: skip
-    print(f"RESULT {tag} engine_start_s={time.perf_counter() - t0:.1f}", flush=True)
-    rng = np.random.default_rng(0)
     res = {}
     for bs in batches:
         prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(bs)]
@@ -72,6 +67,20 @@ def run_throughput(model_dir: str, tag: str, batches: list[int], latency_batches
         res[bs] = ntok / dt
         print(f"RESULT {tag} bs={bs} out_tok_per_s={ntok / dt:.1f} wall={dt:.2f}s", flush=True)
     (OUT / f"throughput_{tag}.json").write_text(json.dumps(res))
+    return res
+
+
+def run_throughput(model_dir: str, tag: str, batches: list[int], latency_batches: list[int]) -> None:
+    import numpy as np
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
+              gpu_memory_utilization=0.85, max_num_seqs=256)  # fmt: skip
+    print(f"RESULT {tag} engine_start_s={time.perf_counter() - t0:.1f}", flush=True)
+    rng = np.random.default_rng(0)
+    measure_throughput(llm, tag, batches, rng)
     lat = {}
     for bs in latency_batches:
         prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(bs)]

@@ -54,8 +54,8 @@ def engine_greedy(model: str, mode: str, prompts_file: str, quantization: str | 
 
 def engine_throughput(model: str, mode: str, tag: str, batches: list[int], turn: str | None) -> None:
     import numpy as np
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+
+    from benchmarks.gpu_serving_check import measure_throughput
 
     t0 = time.perf_counter()
     llm = _engine(model, mode, skip_tokenizer_init=True, load_format="dummy", max_model_len=2048,
@@ -65,19 +65,7 @@ def engine_throughput(model: str, mode: str, tag: str, batches: list[int], turn:
         Path(turn + ".ready").touch()
         while not Path(turn + ".go").exists():
             time.sleep(0.2)
-    rng = np.random.default_rng(0)
-    res = {}
-    for bs in batches:
-        prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(bs)]
-        sp = SamplingParams(max_tokens=128, min_tokens=128, ignore_eos=True, temperature=0, detokenize=False)
-        llm.generate(prompts[: min(bs, 4)], SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False),
-                     use_tqdm=False)  # fmt: skip
-        t = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        dt = time.perf_counter() - t
-        res[bs] = sum(len(o.outputs[0].token_ids) for o in outs) / dt
-        print(f"RESULT {tag} bs={bs} out_tok_per_s={res[bs]:.1f} wall={dt:.2f}s", flush=True)
-    (OUT / f"throughput_{tag}.json").write_text(json.dumps(res))
+    measure_throughput(llm, tag, batches, np.random.default_rng(0))
     if turn:
         Path(turn + ".done").touch()
 
@@ -87,9 +75,11 @@ def _me(*args: str) -> list[str]:
 
 
 def greedy(ckpt: str, prompts: str) -> None:
+    import torch
+
     from offline.dequantize import dequantize_checkpoint
 
-    plain = dequantize_checkpoint(ckpt, "/tmp/mgc_dequant", dtype=__import__("torch").bfloat16)
+    plain = dequantize_checkpoint(ckpt, "/tmp/mgc_dequant", dtype=torch.bfloat16)
     summary = {}
     for label, model, quant in [("mxmoe", ckpt, "mxmoe"), ("bf16_dequantized", str(plain), "")]:
         runs = {}

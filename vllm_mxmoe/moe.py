@@ -27,6 +27,7 @@ from .format import (
 )
 from .kernels.layout import ExpertGemmWeights
 from .kernels.reference import reference_fused_experts
+from .sharding import down_shard_reason
 
 logger = init_logger(__name__)
 
@@ -65,13 +66,12 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
         inter, hidden = intermediate_size_per_partition, hidden_size
         _, tp_size = compat.moe_tp_rank_size(layer)
         for g, scheme in zip(global_ids, down):
-            try:
-                scheme.check_shape(hidden, inter)
-            except ValueError as e:
+            reason = down_shard_reason(scheme, hidden, inter * tp_size, tp_size)
+            if reason:
                 raise ValueError(
-                    f"{self.prefix}.{g}.down: {e}; with tensor parallel size {tp_size} each rank "
+                    f"{self.prefix}.{g}.down: {reason}; with tensor parallel size {tp_size} each rank "
                     f"holds {inter} of the intermediate dim, which the group size must divide"
-                ) from None
+                )
         w13 = ExpertGemmWeights.allocate(gate_up, 2 * inter, hidden)
         w2 = ExpertGemmWeights.allocate(down, hidden, inter)
         layer.mxmoe_schemes = (gate_up, down)
