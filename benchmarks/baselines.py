@@ -108,7 +108,7 @@ class Marlin:
                 shifts = torch.arange(8, device="cuda", dtype=torch.int64) * 4
                 packed = (q.view(e, k // 8, 8, n).to(torch.int64) << shifts[None, None, :, None]).sum(2)
                 packed = (packed - ((packed >> 31) & 1) * (1 << 32)).to(torch.int32)  # GPTQ [E, K/8, N]
-                perm = torch.empty(0, dtype=torch.int32, device="cuda")
+                perm = torch.empty(e, 0, dtype=torch.int32, device="cuda")  # no act-order: one empty perm per expert
                 mq = ops.gptq_marlin_moe_repack(packed.contiguous(), perm, k, n, 4)
                 ms = marlin_moe_permute_scales(scale, k, n, 128)
                 mats += [mq, ms]

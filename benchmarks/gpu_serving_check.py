@@ -58,8 +58,9 @@ def measure_throughput(llm, tag: str, batches: list[int], rng) -> dict[int, floa
     for bs in batches:
         prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(bs)]
         sp = SamplingParams(max_tokens=128, min_tokens=128, ignore_eos=True, temperature=0, detokenize=False)
+        # Warm up on the same batch: the same prefill shape, so nothing is first-run (JIT, allocator) in the timing.
         warm = SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)
-        llm.generate(prompts[: min(bs, 4)], warm, use_tqdm=False)
+        llm.generate(prompts, warm, use_tqdm=False)
         t = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=False)
         dt = time.perf_counter() - t

@@ -143,7 +143,7 @@ def test_align_routing(num_tokens, topk, num_experts, block_m, local, one_progra
 # One grouped GEMM, every scheme in one launch
 
 
-@pytest.mark.parametrize("dequant", [0, 1, 3])  # 2/3 (inline PTX) run their pure-Triton twin here
+@pytest.mark.parametrize("dequant,swap_ab", [(0, False), (1, False), (3, False), (1, True), (3, True)])
 @pytest.mark.parametrize(
     "schemes,k,cfg",
     [
@@ -151,11 +151,12 @@ def test_align_routing(num_tokens, topk, num_experts, block_m, local, one_progra
         (ALL_SCHEMES, 256, GemmConfig(16, 32, 64, 4, 1, split_k=2)),
     ],
 )
-def test_grouped_gemm_mixed(schemes, k, cfg, dequant):
+def test_grouped_gemm_mixed(schemes, k, cfg, dequant, swap_ab):
+    # 2/3 (inline PTX) run their pure-Triton twins 1/3 here; swap_ab computes W x A^T.
     from vllm_mxmoe.kernels.configs import fit_block_k
     from dataclasses import replace
 
-    cfg = replace(cfg, dequant=dequant)
+    cfg = replace(cfg, dequant=dequant, swap_ab=swap_ab)
 
     gen = torch.Generator().manual_seed(k + cfg.split_k)
     n, topk, tokens = 48, 2, 11  # N not a multiple of BLOCK_N
@@ -265,6 +266,37 @@ def test_config_selection():
     # Prefill: big tiles, no split.
     prefill = select_gemm_config(8192, 8, 128, 1536, 2048, [128])
     assert prefill.block_m == 128 and prefill.split_k == 1
+
+
+# ---------------------------------------------------------------------------
+# Compile warm-up (kernels/warmup.py)
+
+
+def test_warmup_signatures_cover_every_token_count():
+    from vllm_mxmoe.kernels import warmup
+    from vllm_mxmoe.kernels.configs import select_gemm_config
+
+    g1, g2 = (1536, 2048, (128,)), (2048, 768, (128,))
+    sigs = warmup.signature_token_counts(4096, 8, 128, g1, g2, 132)
+    first = {sig: t for t, sig in sigs}
+    assert len(first) == len(sigs) and 2 < len(sigs) < 64, len(sigs)
+    for t in (1, 2, 3, 7, 16, 17, 100, 511, 512, 513, 2049, 4096):
+        cfg1 = select_gemm_config(t, 8, 128, *g1[:2], list(g1[2]), sms=132)
+        cfg2 = select_gemm_config(t, 8, 128, *g2[:2], list(g2[2]), sms=132)
+        sig = (cfg1, cfg2, warmup._align_variant(t * 8, 128))
+        assert sig in first and first[sig] <= t  # warmed at the smallest count that launches it
+
+
+def test_warmup_runs_each_signature_once():
+    from vllm_mxmoe.kernels import warmup
+
+    gen = torch.Generator().manual_seed(6)
+    w13 = make_weights(["w4g128", "w2g64", "w8"], 256, 128, gen)
+    w2 = make_weights(["w3g64", "w4g128", "w8"], 128, 128, gen)
+    launches, _ = warmup.warm_up_layer(w13, w2, topk=2, max_tokens=24, dtype=DTYPE)
+    expected = len(warmup.signature_token_counts(24, 2, 3, (256, 128, (64, 128)), (128, 128, (64, 128)), 132))
+    assert launches == expected > 1
+    assert warmup.warm_up_layer(w13, w2, topk=2, max_tokens=24, dtype=DTYPE)[0] == 0  # already compiled
 
 
 # ---------------------------------------------------------------------------

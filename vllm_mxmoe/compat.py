@@ -30,6 +30,8 @@ __all__ = [
     "LinearMethodBase",
     "UnquantizedLinearMethod",
     "is_dummy_load",
+    "max_batched_tokens",
+    "moe_top_k",
     "moe_tp_rank_size",
     "global_to_local_expert",
     "local_expert_global_ids",
@@ -42,6 +44,21 @@ def is_dummy_load() -> bool:
     cfg = get_current_vllm_config_or_none()
     fmt = getattr(getattr(cfg, "load_config", None), "load_format", None)
     return str(getattr(fmt, "value", fmt)) == "dummy"
+
+
+def max_batched_tokens(default: int = 8192) -> int:
+    """Most tokens one forward can carry (the scheduler's budget); ``default`` outside an engine."""
+    cfg = get_current_vllm_config_or_none()
+    value = getattr(getattr(cfg, "scheduler_config", None), "max_num_batched_tokens", None)
+    return int(value) if value else default
+
+
+def moe_top_k(layer: torch.nn.Module) -> int:
+    cfg = getattr(layer, "moe_config", None) or getattr(layer, "moe", None)
+    top_k = getattr(cfg, "experts_per_token", None) or getattr(layer, "top_k", None)
+    if not top_k:
+        raise RuntimeError(f"cannot find the top-k of MoE layer {type(layer).__name__}")
+    return int(top_k)
 
 
 def moe_tp_rank_size(layer: torch.nn.Module) -> tuple[int, int]:

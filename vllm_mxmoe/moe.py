@@ -29,7 +29,8 @@ from .kernels.layout import ExpertGemmWeights
 from .kernels.reference import reference_fused_experts
 from .sharding import down_shard_reason
 
-logger = init_logger(__name__)
+# Under vLLM's logger tree, so that INFO lines show with vLLM's own (a plain __name__ logger's INFO is dropped).
+logger = init_logger(f"vllm.{__name__}")
 
 SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_ZERO)
 SHARDS = ("w1", "w3", "w2")  # vLLM's names for gate, up, down
@@ -77,6 +78,7 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
         layer.mxmoe_schemes = (gate_up, down)
         layer.mxmoe_global_ids = global_ids
         layer.mxmoe_dims = (hidden, inter)
+        layer.mxmoe_act_dtype = params_dtype
         layer.mxmoe_key = f"{self.prefix}#{id(layer)}"
         _LAYERS[layer.mxmoe_key] = (self, layer)
         layer.mxmoe_loaded = set()
@@ -163,6 +165,23 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
         else:
             self._check_complete(layer)
         layer.mxmoe_loaded = set()
+        if layer.w13_weight_packed.is_cuda:
+            self._compile_kernels(layer)
+
+    def _compile_kernels(self, layer: torch.nn.Module) -> None:
+        """Compile every kernel variant this layer can launch now, not on the first request of a new size."""
+        from .kernels import warmup
+
+        if not warmup.enabled():
+            return
+        w13, w2 = self.gemm_weights(layer)
+        launches, seconds = warmup.warm_up_layer(
+            w13, w2, compat.moe_top_k(layer), compat.max_batched_tokens(), layer.mxmoe_act_dtype,
+            expert_map=compat.expert_map(layer), num_global_experts=len(self.layer_schemes.gate_up),
+        )
+        if launches:
+            logger.info("mxmoe %s: compiled %d kernel variants in %.1f s (MXMOE_WARMUP=0 skips this)",
+                        self.prefix, launches, seconds)
 
     def _check_complete(self, layer: torch.nn.Module) -> None:
         gate_up, down = layer.mxmoe_schemes

@@ -51,7 +51,7 @@ def max_padded_rows(num_slots: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(max(rows, 1), block_m) * block_m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _count_and_rank_kernel(
     topk_ids_ptr, expert_map_ptr, counts_ptr, rank_ptr, slot_expert_ptr, num_slots,
     HAS_EXPERT_MAP: tl.constexpr, BLOCK: tl.constexpr,
@@ -68,7 +68,7 @@ def _count_and_rank_kernel(
     tl.store(slot_expert_ptr + offs, tl.where(local, expert, -1), mask=in_range)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots", "max_blocks"])
 def _block_map_kernel(
     counts_ptr, expert_start_ptr, sorted_ids_ptr, block_expert_ptr, num_blocks_ptr,
     num_experts, num_slots, max_blocks,
@@ -106,7 +106,7 @@ def _block_map_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots", "max_rows", "max_blocks"])
 def _align_one_program_kernel(
     topk_ids_ptr, expert_map_ptr, sorted_ids_ptr, block_expert_ptr, num_blocks_ptr, slot_expert_ptr,
     num_experts, num_slots, max_rows, max_blocks,
@@ -155,7 +155,7 @@ ONE_PROGRAM_MAX_SLOTS = 128
 ONE_PROGRAM_MAX_CELLS = 128 * 256
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _scatter_kernel(slot_expert_ptr, rank_ptr, expert_start_ptr, sorted_ids_ptr, num_slots, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     expert = tl.load(slot_expert_ptr + offs, mask=offs < num_slots, other=-1)

@@ -31,15 +31,20 @@ class GemmConfig:
     # the LOP3 and the K order permuted inside 8-groups for A and W (grouped_gemm.py);
     # -1 = default_dequant().
     dequant: int = -1
+    # Field-wise dequant modes (>= 1) only: compute the tile as W x A^T (see grouped_gemm.py).
+    swap_ab: bool = False
 
 
 # Rows an expert is expected to see (tokens * topk / experts), upper bound -> tiles.
 # Decode is memory bound: small BLOCK_M (16 is the smallest tl.dot takes), long
 # BLOCK_K for wide loads of packed words, and split-K (below) so that enough
 # programs stream weights at once. Prefill is compute bound: big tiles.
+# Decode tiles compute W x A^T (swap_ab): measured 1.09-1.26x faster per GEMM on an H200 at 16-64
+# tokens (benchmarks/tile_sweep.py --swap-ab, 2026-11-29 evening; KERNEL_NOTES.md), where ncu showed
+# the plain orientation bound by 8-way bank-conflicted shared-memory stores of the dequantized tile.
 TILE_TABLE: list[tuple[float, GemmConfig]] = [
-    (4, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)),
-    (16, GemmConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3)),
+    (4, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
+    (16, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
     (48, GemmConfig(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3)),
     (128, GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)),
     (math.inf, GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
@@ -127,9 +132,12 @@ def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n
 
 
 def select_gemm_config(
-    num_tokens: int, topk: int, num_experts: int, n: int, k: int, groups: list[int], device=None
+    num_tokens: int, topk: int, num_experts: int, n: int, k: int, groups: list[int], device=None,
+    sms: int | None = None,
 ) -> GemmConfig:
-    """The config of one GEMM of a layer (BLOCK_M follows table_config for both)."""
+    """The config of one GEMM of a layer (BLOCK_M follows table_config for both); ``sms``
+    overrides the SM count read from ``device``."""
     cfg = table_config(num_tokens, topk, num_experts)
     cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, groups))
-    return replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, num_sms(device)))
+    sms = sms or num_sms(device)
+    return replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms))

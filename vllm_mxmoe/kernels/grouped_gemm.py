@@ -487,13 +487,18 @@ def _int_weight_loop_fields(
     acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
     offs_n, n_mask, kt_begin, kt_end,
     BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS_ALIGNED: tl.constexpr,
-    USE_ASM: tl.constexpr, PAIRED: tl.constexpr, BLOCK_M: tl.constexpr,
+    USE_ASM: tl.constexpr, PAIRED: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr = False,
 ):
-    """2/3/4-bit weight-only codes, field-wise dequantization (see _dequant_tile)."""
+    """2/3/4-bit weight-only codes, field-wise dequantization (see _dequant_tile).
+
+    SWAP_AB computes the tile transposed, W [BLOCK_N, BLOCK_K] x A^T: the dequantized
+    weights become the MMA's first operand and the few token rows its narrow second one.
+    """
     words_per_row = K * BITS // 32
     if WORDS_ALIGNED:
         words_per_row = tl.multiple_of(words_per_row, 4)
     mid: tl.constexpr = 1 << (BITS - 1)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kt in range(kt_begin, kt_end):
         k0 = kt * BLOCK_K
         a = tl.load(a_ptrs + k0, mask=row_mask[:, None], other=0.0)
@@ -510,7 +515,12 @@ def _int_weight_loop_fields(
         else:
             w = _dequant_tile(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
                               BITS, BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
-        acc = tl.dot(a, tl.trans(w), acc)
+        if SWAP_AB:
+            acc_t = tl.dot(w, tl.trans(a), acc_t)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    if SWAP_AB:
+        acc += tl.trans(acc_t)
     return acc
 
 
@@ -551,7 +561,10 @@ def _int4_fp8_act_loop(
 # The kernel
 
 
-@triton.jit
+# num_slots is not specialised on (divisibility by 16), so one compile serves every batch size of a
+# config (kernels/warmup.py compiles them all at load time). split_stride = num_slots * N keeps its
+# specialisation: N is a multiple of 16 in practice, and the output stores need that alignment.
+@triton.jit(do_not_specialize=["num_slots"])
 def _grouped_gemm_kernel(
     a_ptr, a8_ptr, a_scale_ptr,
     qweight_ptr, qweight8_ptr, scales_ptr, zeros_ptr, meta_ptr,
@@ -561,7 +574,7 @@ def _grouped_gemm_kernel(
     HAS_W2: tl.constexpr, HAS_W3: tl.constexpr, HAS_W4: tl.constexpr, HAS_W8: tl.constexpr,
     HAS_W8A8FP8: tl.constexpr, HAS_W4A8FP8: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, WORDS_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DEQUANT: tl.constexpr = 0, USE_ASM: tl.constexpr = False,
+    DEQUANT: tl.constexpr = 0, USE_ASM: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -610,7 +623,7 @@ def _grouped_gemm_kernel(
                 acc = _int_weight_loop_fields(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group,
                                               num_groups, K, offs_n, n_mask, kt_begin, kt_end, 4, BLOCK_K,
                                               BLOCK_N, WORDS_ALIGNED, USE_ASM,
-                                              DEQUANT == 3, BLOCK_M)
+                                              DEQUANT == 3, BLOCK_M, SWAP_AB)
     if HAS_W2:
         if bits == 2:
             if DEQUANT == 0:
@@ -620,7 +633,7 @@ def _grouped_gemm_kernel(
                 acc = _int_weight_loop_fields(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group,
                                               num_groups, K, offs_n, n_mask, kt_begin, kt_end, 2, BLOCK_K,
                                               BLOCK_N, WORDS_ALIGNED, USE_ASM and BLOCK_M <= 32,
-                                              False, BLOCK_M)
+                                              False, BLOCK_M, SWAP_AB)
     if HAS_W3:
         if bits == 3:
             if DEQUANT == 0:
@@ -630,7 +643,7 @@ def _grouped_gemm_kernel(
                 acc = _int_weight_loop_fields(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group,
                                               num_groups, K, offs_n, n_mask, kt_begin, kt_end, 3, BLOCK_K,
                                               BLOCK_N, WORDS_ALIGNED, USE_ASM and BLOCK_M <= 32,
-                                              False, BLOCK_M)
+                                              False, BLOCK_M, SWAP_AB)
     if HAS_W8:
         if (bits == 8) & int_act:
             acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
@@ -722,6 +735,6 @@ def _launch(grid, a, a8, a_scale, weights, out, routed_weights, routing, n, k, a
         # K % 128 == 0 makes every row and every expert block a multiple of 4 words (16-byte loads).
         WORDS_ALIGNED=k % 128 == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        DEQUANT=dequant, USE_ASM=dequant >= 2 and not interpreting(),
+        DEQUANT=dequant, USE_ASM=dequant >= 2 and not interpreting(), SWAP_AB=config.swap_ab,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -1,0 +1,92 @@
+"""Compile every kernel variant a layer can launch before the engine serves.
+
+Triton compiles a kernel the first time it meets a new set of constexprs
+(tile config, split-K, which scheme branches, alignment variant). The tile
+config follows the token count, so without this the first prefill of an
+unseen size stalls for seconds while a kernel compiles (it showed up as a 2-3x
+lower throughput in the first benchmark of each batch size). Here every
+distinct launch signature over 1..max_tokens tokens runs once, at the smallest
+token count that produces it, on random routing. Layers that share schemes and
+shapes share compiled kernels, so only the first such layer pays; triton's disk
+cache makes later engine starts fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+from . import align as align_mod
+from .configs import num_sms, select_gemm_config
+from .grouped_gemm import layer_kinds
+from .layout import ExpertGemmWeights
+
+# Signatures already compiled in this process (by layer key + signature).
+_DONE: set = set()
+
+
+def enabled() -> bool:
+    return os.environ.get("MXMOE_WARMUP", "1") != "0"
+
+
+def _groups(w: ExpertGemmWeights) -> tuple[int, ...]:
+    return tuple(sorted({s.group(w.k) for s in w.schemes}))
+
+
+def _align_variant(num_slots: int, num_experts: int) -> tuple:
+    """What changes the alignment kernels' constexprs (one-program: the padded slot count)."""
+    e_pow2 = 1 << max(num_experts - 1, 0).bit_length()
+    s_pow2 = 1 << max(num_slots - 1, 0).bit_length()
+    one = num_slots <= align_mod.ONE_PROGRAM_MAX_SLOTS and s_pow2 * e_pow2 <= align_mod.ONE_PROGRAM_MAX_CELLS
+    return ("one", s_pow2) if one else ("multi",)
+
+
+@functools.lru_cache(maxsize=64)
+def signature_token_counts(
+    max_tokens: int, topk: int, num_experts: int,
+    gemm1: tuple[int, int, tuple[int, ...]], gemm2: tuple[int, int, tuple[int, ...]], sms: int,
+) -> tuple[tuple[int, tuple], ...]:
+    """(smallest token count, signature) for each distinct launch signature in 1..max_tokens.
+
+    gemm1/gemm2 are (N, K, group sizes); the signature is both GEMM configs and the
+    alignment variant, which together fix every constexpr of the layer's kernels.
+    """
+    seen: dict[tuple, int] = {}
+    for t in range(1, max_tokens + 1):
+        cfg1 = select_gemm_config(t, topk, num_experts, gemm1[0], gemm1[1], list(gemm1[2]), sms=sms)
+        cfg2 = select_gemm_config(t, topk, num_experts, gemm2[0], gemm2[1], list(gemm2[2]), sms=sms)
+        sig = (cfg1, cfg2, _align_variant(t * topk, num_experts))
+        seen.setdefault(sig, t)
+    return tuple((t, sig) for sig, t in seen.items())
+
+
+def warm_up_layer(
+    w13: ExpertGemmWeights, w2: ExpertGemmWeights, topk: int, max_tokens: int, dtype: torch.dtype,
+    expert_map: torch.Tensor | None = None, num_global_experts: int | None = None,
+) -> tuple[int, float]:
+    """Run mxmoe_fused_experts once per launch signature not compiled yet; (launches, seconds)."""
+    from .fused_moe import mxmoe_fused_experts
+
+    device = w13.qweight.device
+    e_global = num_global_experts or w13.num_experts
+    layer_key = (layer_kinds(w13), layer_kinds(w2), dtype, w13.n, w13.k, w2.n, w2.k, w13.num_experts, e_global,
+                 topk, expert_map is not None, _groups(w13), _groups(w2))
+    todo = [
+        (t, sig) for t, sig in signature_token_counts(
+            max_tokens, topk, w13.num_experts, (w13.n, w13.k, _groups(w13)), (w2.n, w2.k, _groups(w2)), num_sms(device)
+        ) if (layer_key, sig) not in _DONE
+    ]
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=device).manual_seed(0)
+    for t, sig in todo:
+        x = torch.randn(t, w13.k, device=device, dtype=dtype, generator=gen) * 0.1
+        ids = torch.rand(t, e_global, device=device, generator=gen).topk(topk, dim=1).indices.to(torch.int32)
+        weights = torch.full((t, topk), 1.0 / topk, device=device, dtype=torch.float32)
+        mxmoe_fused_experts(x, w13, w2, weights, ids, expert_map=expert_map)
+        _DONE.add((layer_key, sig))
+    if todo and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return len(todo), time.perf_counter() - t0
