@@ -49,6 +49,11 @@ GPTQ4 = dict(quant_method="gptq", bits=4, group_size=128, desc_act=False, sym=Tr
 MIXED_325 = ["w2g128", "w3g128", "w4g128"]
 # Four w2 (per channel, ~2.02 bits), one w2g128, one w3g128: ~2.26 bits on average.
 MIXED_225 = ["w2", "w2g128", "w2", "w3g128", "w2", "w2"]
+# The scheme mix r=auto chose on the reference model at 3.25 bits with the H200 table
+# (results/2026-11-29-r-auto-h200-table/report.json: gate_up 46% w2g128, 29% w4g128, 20% w3g128,
+# 5% w2; down 53% w4g128, 22% w2g128, 16% w3g128, 5% w2, 4% w8), in twentieths: ~3.29 bits.
+AUTO_325_GATE_UP = ["w2g128"] * 9 + ["w4g128"] * 6 + ["w3g128"] * 4 + ["w2"]
+AUTO_325_DOWN = ["w4g128"] * 11 + ["w2g128"] * 4 + ["w3g128"] * 3 + ["w2", "w8"]
 # Weight-activation mix: one expert in eight w8a8fp8 (the hot ones in a real
 # allocation; random weights route evenly, so which ones does not matter), rest w4g128.
 WA_MIX = ["w8a8fp8"] + ["w4g128"] * 7
@@ -83,6 +88,7 @@ def write_all(out: Path, base: dict = QWEN15_MOE) -> dict[str, Path]:
         "mxmoe_w4g128": mxmoe_config(base, ["w4g128"], ["w4g128"]),
         "mxmoe_mixed325": mxmoe_config(base, MIXED_325, MIXED_325),
         "mxmoe_mixed225": mxmoe_config(base, MIXED_225, MIXED_225),
+        "mxmoe_auto325": mxmoe_config(base, AUTO_325_GATE_UP, AUTO_325_DOWN),
         "mxmoe_wa_mix": mxmoe_config(base, WA_MIX, WA_MIX),
     }
     paths = {}
