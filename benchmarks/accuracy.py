@@ -26,6 +26,11 @@ Configurations (names for --only):
   ablation-3.25-minmax             min/max grids instead of the MSE clipping search
   gptq-w3g128-minmax               the uniform baseline with min/max grids
   ablation-{3.25,2.25}-holdout     sensitivities on 25% held-out calibration sequences (GPTQ fits the rest)
+  mxmoe-{2.25,3.25}-r1-rich, ablation-2.25-model-budget-fisher-rich, seed1-mxmoe-3.25-r1-rich
+                                   those rows with the richer candidates RICH_SCHEMES (adds w2g64, w3)
+  seed1-ablation-3.25-holdout      ablation-3.25-holdout with Hadamard/sampling seed 1
+  {gptq-w2g128,mxmoe-2.25-r1,ablation-2.25-model-budget-fisher,gptq-w3g128,mxmoe-3.25-r1}-damp0.1
+                                   those rows with GPTQ dampening 0.1 instead of 0.01
 
 Every quantized configuration uses the pipeline's defaults (MSE clipping search
 of the grids, one ILP per layer) unless its row says otherwise; the uniform GPTQ
@@ -54,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 
 from offline.evaluate import perplexity_hf, token_windows
+from offline.gptq import DEFAULT_PERCDAMP
 from offline.pipeline import DEFAULT_BUDGET_SCOPE, DEFAULT_CLIP, DEFAULT_LAYER_WEIGHTS, quantize_mxmoe
 from offline.scheme_map import uniform_map
 
@@ -61,6 +67,9 @@ SHARED = ROOT.parent / "shared"
 # Candidates of every MxMoE run. Per-channel w2 (2.08 bits for gate_up) is the one
 # scheme below 2.25 bits: without it a 2.25-bit budget leaves no choice but all-w2g128.
 MXMOE_SCHEMES = ("w2", "w2g128", "w3g128", "w4g128", "w8")
+# Richer candidates (rows named *-rich): 2-bit with groups of 64 (2.5 bits) and per-channel
+# 3-bit (3.08 bits for gate_up; for down, whose K is 128, the same as w3g128).
+RICH_SCHEMES = ("w2", "w2g64", "w2g128", "w3", "w3g128", "w4g128", "w8")
 
 
 def configurations() -> dict[str, dict | None]:
@@ -93,6 +102,18 @@ def configurations() -> dict[str, dict | None]:
     configs["gptq-w3g128-minmax"] = {"scheme_map": uniform_map("w3g128"), "clip": "minmax"}
     for wbits in (3.25, 2.25):
         configs[f"ablation-{wbits}-holdout"] = {**mx, "wbits": wbits, "r": 1.0, "holdout": 0.25}
+    rich = {"schemes": RICH_SCHEMES, "r": 1.0}
+    configs["mxmoe-2.25-r1-rich"] = {**rich, "wbits": 2.25}
+    configs["ablation-2.25-model-budget-fisher-rich"] = {
+        **rich, "wbits": 2.25, "budget_scope": "model", "layer_weights": "fisher",
+    }  # fmt: skip
+    configs["mxmoe-3.25-r1-rich"] = {**rich, "wbits": 3.25}
+    configs["seed1-mxmoe-3.25-r1-rich"] = {**rich, "wbits": 3.25, "seed": 1}
+    configs["seed1-ablation-3.25-holdout"] = {**configs["ablation-3.25-holdout"], "seed": 1}
+    # GPTQ dampening 0.1 (share of the Hessian's mean diagonal) instead of 0.01, baselines included
+    damp = {"percdamp": 0.1}
+    for name in ("gptq-w2g128", "mxmoe-2.25-r1", "ablation-2.25-model-budget-fisher", "gptq-w3g128", "mxmoe-3.25-r1"):
+        configs[f"{name}-damp0.1"] = {**configs[name], **damp}
     return configs
 
 
@@ -109,6 +130,7 @@ def describe(options: dict | None) -> dict:
             "budget_scope": "-",
             "layer_weights": "-",
             "clip": "-",
+            "percdamp": "-",
         }
     fixed = options.get("scheme_map")
     return {
@@ -126,6 +148,7 @@ def describe(options: dict | None) -> dict:
             else "-"
         ),
         "clip": options.get("clip", DEFAULT_CLIP),
+        "percdamp": options.get("percdamp", DEFAULT_PERCDAMP),
     }
 
 

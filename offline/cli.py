@@ -22,7 +22,7 @@ from vllm_mxmoe.sharding import describe_problems, max_tp_degree, shard_problems
 
 from .calibration import DEFAULT_CALIB_TOKENS, DEFAULT_SEQ_LEN
 from .export import build_quant_config, export_checkpoint
-from .gptq import CLIP_MODES
+from .gptq import CLIP_MODES, DEFAULT_PERCDAMP
 from .model_spec import ModelSpecError, inspect_model
 from .pipeline import (
     BUDGET_SCOPES,
@@ -34,7 +34,7 @@ from .pipeline import (
     LAYER_WEIGHTS,
     quantize_mxmoe,
 )
-from .profile import DEFAULT_HOLDOUT, DEFAULT_SAMPLE_TOKENS
+from .profile import DEFAULT_HOLDOUT, DEFAULT_SAMPLE_TOKENS, HESSIAN_WEIGHTS
 from .quant_grid import quantize_rtn
 from .scheme_map import SchemeMapError, load_scheme_map, resolve_scheme_map, uniform_map
 
@@ -146,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 0: measure on GPTQ's own tokens, as the paper does)",
     )  # fmt: skip
     mx.add_argument(
+        "--percdamp", type=float, default=DEFAULT_PERCDAMP,
+        help=f"GPTQ dampening as a share of the Hessian's mean diagonal (default {DEFAULT_PERCDAMP})",
+    )  # fmt: skip
+    mx.add_argument(
+        "--hessian-weights", choices=HESSIAN_WEIGHTS, default="none",
+        help="GPTQ Hessians: none = X^T X over an expert's routed tokens (default); routing = each "
+        "token weighted by its squared routing weight (the MoE layer's output error, as Δ measures it)",
+    )  # fmt: skip
+    mx.add_argument(
         "--budget-scope", choices=BUDGET_SCOPES, default=DEFAULT_BUDGET_SCOPE,
         help="layer: every MoE layer meets --wbits on its own (one ILP per layer, the paper's); "
         "model: --wbits is the average over all MoE layers (one ILP, bits move between layers). "
@@ -209,6 +218,7 @@ def run_pipeline(args: argparse.Namespace) -> str:
         granularity=args.granularity, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
         sample_tokens=args.sample_tokens, holdout=args.holdout, cache_dir=args.cache_dir, device=args.device,
         budget_scope=args.budget_scope, clip=args.clip, layer_weights=args.layer_weights,
+        hessian_weights=args.hessian_weights, percdamp=args.percdamp,
     )  # fmt: skip
     report = result.report
     print(

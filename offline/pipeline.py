@@ -58,7 +58,7 @@ from .calibration import (
     model_max_positions,
 )
 from .export import build_quant_config, export_checkpoint
-from .gptq import CLIP_MODES
+from .gptq import CLIP_MODES, DEFAULT_PERCDAMP
 from .ilp import (
     UNITS,
     LayerProblem,
@@ -75,6 +75,7 @@ from .profile import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_HOLDOUT,
     DEFAULT_SAMPLE_TOKENS,
+    HESSIAN_WEIGHTS,
     MoELayer,
     ProfileStore,
     find_moe_layers,
@@ -96,6 +97,7 @@ DEFAULT_BUDGET_SCOPE = "layer"
 DEFAULT_CLIP = "mse"
 LAYER_WEIGHTS = ("fisher", "none")
 DEFAULT_LAYER_WEIGHTS = "fisher"
+DEFAULT_HESSIAN_WEIGHTS = "none"
 
 
 class PipelineError(ValueError):
@@ -127,6 +129,10 @@ class QuantizeOptions:
     seq_len: int = DEFAULT_SEQ_LEN
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS  # routed tokens kept per expert for Δ
     holdout: float = DEFAULT_HOLDOUT  # share of calibration sequences measuring Δ, not fitting GPTQ
+    # GPTQ Hessians: "none" = X^T X over an expert's routed tokens; "routing" = each token
+    # weighted by its squared routing weight (the MoE layer's output error, as Δ measures it)
+    hessian_weights: str = DEFAULT_HESSIAN_WEIGHTS
+    percdamp: float = DEFAULT_PERCDAMP  # GPTQ dampening, a share of the Hessian's mean diagonal
     batch_size: int = DEFAULT_BATCH_SIZE  # calibration sequences per forward
     cache_dir: str | None = None  # default: <out>/cache
     device: str | None = None  # default: cuda if available, else cpu
@@ -162,6 +168,12 @@ class QuantizeOptions:
         if self.layer_weights not in LAYER_WEIGHTS:
             raise PipelineError(
                 f"--layer-weights must be one of {', '.join(LAYER_WEIGHTS)}, got {self.layer_weights!r}"
+            )
+        if not self.percdamp > 0:
+            raise PipelineError(f"--percdamp must be positive, got {self.percdamp}")
+        if self.hessian_weights not in HESSIAN_WEIGHTS:
+            raise PipelineError(
+                f"--hessian-weights must be one of {', '.join(HESSIAN_WEIGHTS)}, got {self.hessian_weights!r}"
             )
         if self.clip not in CLIP_MODES:
             raise PipelineError(f"--clip must be one of {', '.join(CLIP_MODES)}, got {self.clip!r}")
@@ -315,6 +327,8 @@ class _Pipeline:
                 "seed": o.seed,
                 "sample_tokens": o.sample_tokens,
                 "holdout": o.effective_holdout,
+                # only when set, so that the keys of existing caches stay valid
+                **({"hessian_weights": o.hessian_weights} if o.hessian_weights != "none" else {}),
             }
         )
 
@@ -326,35 +340,50 @@ class _Pipeline:
         self.stages["profile"] = "computed"
         o = self.opts
         return profile_model(
-            model, moe_layers, sequences, store, o.sample_tokens, o.batch_size, o.seed, o.effective_holdout
+            model, moe_layers, sequences, store, o.sample_tokens, o.batch_size, o.seed, o.effective_holdout,
+            o.hessian_weights,
         )
 
     def _sensitivity(self, moe_layers: list[MoELayer], store: ProfileStore) -> dict[str, np.ndarray]:
+        """Δ [experts, units, schemes] per layer. Cached one file per scheme (keyed by
+        profile, scheme, method and clip), so a run with more or other candidates
+        computes only the schemes no earlier run measured (Δ of a scheme does not
+        depend on the other candidates)."""
         o = self.opts
-        key = _hash(
-            {"profile": store.folder.name, "schemes": list(o.schemes), "method": o.method, "clip": o.clip}
-        )
-        path = self.cache / f"sensitivity-{key}.pt"
-        if path.is_file():
-            self.stages["sensitivity"] = "cached"
-            return {k: v.numpy() for k, v in torch.load(path, weights_only=True)["loss"].items()}
-        self.stages["sensitivity"] = "computed"
-        losses = {}
-        total = sum(layer.experts.gate_up_proj.shape[0] for layer in moe_layers)
-        with tqdm(total=total, desc="sensitivity", unit="expert") as bar:
-            for layer in moe_layers:
-                experts = layer.experts
-                losses[layer.prefix] = layer_sensitivity(
-                    experts.gate_up_proj, experts.down_proj, experts.act_fn,
-                    store.load(layer.prefix), o.schemes, o.method, bar, o.clip,
-                )  # fmt: skip
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {"schemes": list(o.schemes), "loss": {k: torch.from_numpy(v) for k, v in losses.items()}}, tmp
-        )
-        tmp.rename(path)
-        return losses
+
+        def path_of(scheme: str) -> Path:
+            damp = {"percdamp": o.percdamp} if o.percdamp != DEFAULT_PERCDAMP else {}  # old keys stay valid
+            key = _hash({"profile": store.folder.name, "scheme": scheme, "method": o.method, "clip": o.clip, **damp})
+            return self.cache / f"sensitivity-{key}.pt"
+
+        per_scheme: dict[str, dict[str, np.ndarray]] = {}
+        for scheme in o.schemes:
+            if path_of(scheme).is_file():
+                saved = torch.load(path_of(scheme), weights_only=True)["loss"]
+                per_scheme[scheme] = {k: v.numpy() for k, v in saved.items()}
+        missing = [s for s in o.schemes if s not in per_scheme]
+        self.stages["sensitivity"] = "computed" if missing else "cached"
+        if missing:
+            computed: dict[str, np.ndarray] = {}
+            total = sum(layer.experts.gate_up_proj.shape[0] for layer in moe_layers)
+            with tqdm(total=total, desc=f"sensitivity ({len(missing)} schemes)", unit="expert") as bar:
+                for layer in moe_layers:
+                    experts = layer.experts
+                    computed[layer.prefix] = layer_sensitivity(
+                        experts.gate_up_proj, experts.down_proj, experts.act_fn,
+                        store.load(layer.prefix), missing, o.method, bar, o.clip, o.percdamp,
+                    )  # fmt: skip
+            path_of(missing[0]).parent.mkdir(parents=True, exist_ok=True)
+            for i, scheme in enumerate(missing):
+                per_scheme[scheme] = {k: v[..., i] for k, v in computed.items()}
+                tmp = path_of(scheme).with_suffix(".tmp")
+                loss = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in per_scheme[scheme].items()}
+                torch.save({"scheme": scheme, "loss": loss}, tmp)
+                tmp.rename(path_of(scheme))
+        return {
+            layer.prefix: np.stack([per_scheme[s][layer.prefix] for s in o.schemes], axis=-1)
+            for layer in moe_layers
+        }
 
     def _layer_gains(self, model, moe_layers, store: ProfileStore, sequences) -> dict[str, float] | None:
         """Fisher weight of every layer's Δ (model-wide budget only; cached next to the profile)."""
@@ -478,7 +507,8 @@ class _Pipeline:
         else:
             hessian = (profile.gate_up_hessian if unit == "gate_up" else profile.down_hessian)[expert]
         return quantize_unit(
-            weight.float(), hessian.to(weight.device), parse_scheme(scheme), self.opts.method, self.opts.clip
+            weight.float(), hessian.to(weight.device), parse_scheme(scheme), self.opts.method, self.opts.clip,
+            self.opts.percdamp,
         )
 
     def _export(self, model, rotation, layers: list[LayerResult], packed: dict[str, QuantizedWeight]) -> None:

@@ -46,6 +46,7 @@ from .model_spec import MoEModelSpec
 DEFAULT_SAMPLE_TOKENS = 512
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_HOLDOUT = 0.0
+HESSIAN_WEIGHTS = ("none", "routing")  # GPTQ Hessians: plain X^T X, or tokens weighted by routing weight
 _LAYER_INDEX_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -123,7 +124,12 @@ class LayerProfile:
 class _ExpertRecorder:
     """Forward pre-hook on one experts module; accumulates a LayerProfile."""
 
-    def __init__(self, prefix: str, experts: nn.Module, sample_tokens: int, seed: int):
+    def __init__(
+        self, prefix: str, experts: nn.Module, sample_tokens: int, seed: int, hessian_weights: str = "none"
+    ):
+        if hessian_weights not in HESSIAN_WEIGHTS:
+            raise ValueError(f"hessian_weights must be one of {HESSIAN_WEIGHTS}, got {hessian_weights!r}")
+        self.hessian_weights = hessian_weights
         self.prefix = prefix
         self.experts = experts
         num_experts, two_inter, hidden = experts.gate_up_proj.shape
@@ -154,9 +160,15 @@ class _ExpertRecorder:
             token, slot = torch.where(ids == expert)
             x = hidden[token].float()
             if self.role != "holdout":
-                self.gate_up[expert].add(x)
                 gate, up = F.linear(x, self.experts.gate_up_proj[expert].float()).chunk(2, dim=-1)
-                self.down[expert].add(self.experts.act_fn(gate) * up)
+                h = self.experts.act_fn(gate) * up
+                if self.hessian_weights == "routing":  # H = sum_t w_t^2 x_t x_t^T
+                    r = weights[token, slot].float().unsqueeze(-1).to(x.device)
+                    self.gate_up[expert].add(x * r)
+                    self.down[expert].add(h * r)
+                else:
+                    self.gate_up[expert].add(x)
+                    self.down[expert].add(h)
             if self.role != "fit":
                 self._sample(expert, x, weights[token, slot].float())
 
@@ -291,9 +303,15 @@ def profile_model(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     holdout: float = DEFAULT_HOLDOUT,
+    hessian_weights: str = "none",
 ) -> ProfileStore:
     """Run ``sequences`` [n, seq_len] through ``model`` layer by layer and write the
-    per-MoE-layer statistics to ``store``. Returns the (complete) store."""
+    per-MoE-layer statistics to ``store``. Returns the (complete) store.
+
+    ``hessian_weights``: "none" (H = 2 X^T X / n over an expert's routed tokens) or
+    "routing" (each token's input scaled by its routing weight w_t, so H ~ sum_t w_t^2
+    x_t x_t^T: GPTQ then minimises the error of the MoE layer's output, w_t y_e(x_t),
+    which is what the sensitivity Δ measures, instead of the expert's own output)."""
     if sample_tokens < 1:
         raise ValueError(f"sample_tokens must be >= 1, got {sample_tokens}")
     held_out = holdout_mask(sequences.shape[0], holdout)
@@ -319,7 +337,7 @@ def profile_model(
         recorder = handle = None
         if index in by_index:
             moe = by_index[index]
-            recorder = _ExpertRecorder(moe.prefix, moe.experts, sample_tokens, seed + index)
+            recorder = _ExpertRecorder(moe.prefix, moe.experts, sample_tokens, seed + index, hessian_weights)
             handle = moe.experts.register_forward_pre_hook(recorder, with_kwargs=True)
         try:
             for batch, role in zip(batches, roles):

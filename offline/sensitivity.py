@@ -30,7 +30,7 @@ from tqdm import tqdm
 from vllm_mxmoe.format import QuantizedWeight, dequantize, encode
 from vllm_mxmoe.schemes import Scheme, parse_scheme
 
-from .gptq import run_gptq
+from .gptq import DEFAULT_PERCDAMP, run_gptq
 from .ilp import UNITS
 from .profile import LayerProfile
 from .quant_grid import fit_grid, fit_grid_mse
@@ -55,7 +55,12 @@ class QuantizedUnit:
 
 
 def quantize_unit(
-    w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, method: str, clip: str = "minmax"
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    method: str,
+    clip: str = "minmax",
+    percdamp: float = DEFAULT_PERCDAMP,
 ) -> QuantizedUnit:
     """GPTQ (with ``hessian``; RTN when it holds no sample) or RTN of one unit's weight [N, K].
 
@@ -65,7 +70,7 @@ def quantize_unit(
     Hessian diagonal when the Hessian has samples).
     """
     if method == "gptq":
-        result = run_gptq(w, hessian, scheme, clip=clip)
+        result = run_gptq(w, hessian, scheme, clip=clip, percdamp=percdamp)
         return QuantizedUnit(result.fake_quantized, result.scale, result.zero, scheme)
     if method == "rtn":
         if clip == "mse":
@@ -104,6 +109,7 @@ def layer_sensitivity(
     method: str,
     progress: tqdm | None = None,
     clip: str = "minmax",
+    percdamp: float = DEFAULT_PERCDAMP,
 ) -> np.ndarray:
     """Δ as an array [experts, 2 units (gate_up, down), schemes] (float64, >= 0).
 
@@ -129,7 +135,9 @@ def layer_sensitivity(
         for s, scheme in enumerate(parsed):
             for u, unit in enumerate(UNITS):
                 weight = w_gate_up if unit == "gate_up" else w_down
-                fake = quantize_unit(weight, hessians[unit].to(device), scheme, method, clip).fake_quantized
+                fake = quantize_unit(
+                    weight, hessians[unit].to(device), scheme, method, clip, percdamp
+                ).fake_quantized
                 y = (
                     expert_output(x, fake, w_down, act_fn)
                     if unit == "gate_up"

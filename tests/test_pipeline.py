@@ -113,6 +113,60 @@ def test_second_run_reuses_profile_and_sensitivity(run, source, calib, tmp_path,
     assert again.report["achieved_avg_bits"] <= 2.75
 
 
+def test_sensitivity_cached_per_scheme(run, source, calib, tmp_path, monkeypatch):
+    """Δ is cached one scheme at a time: more candidates compute only the new scheme,
+    a subset of measured candidates computes nothing, and Δ is the same either way."""
+    cache = tmp_path / "cache"
+    shutil.copytree(run.out_dir / "cache", cache)
+    real_sensitivity, real_allocate = pipeline_module.layer_sensitivity, pipeline_module._Pipeline._allocate
+    calls, losses = [], []
+
+    def recording(*args, **kwargs):
+        calls.append(list(args[4]))
+        return real_sensitivity(*args, **kwargs)
+
+    def allocate(self, moe_layers, store, loss, *args, **kwargs):
+        losses.append((self.opts.schemes, loss))
+        return real_allocate(self, moe_layers, store, loss, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "layer_sensitivity", recording)
+    monkeypatch.setattr(pipeline_module._Pipeline, "_allocate", allocate)
+    common = {"wbits": 3.25, "r": 1.0, "cache_dir": str(cache), **FAST}
+    more = quantize_mxmoe(
+        source, calib, tmp_path / "more", schemes=(*pipeline_module.DEFAULT_SCHEMES, "w2g64"), **common
+    )
+    assert more.stages["sensitivity"] == "computed" and calls and all(c == ["w2g64"] for c in calls)
+    calls.clear()
+    fewer = quantize_mxmoe(source, calib, tmp_path / "fewer", schemes=("w2", "w2g64", "w4g128"), **common)
+    assert fewer.stages["sensitivity"] == "cached" and not calls
+    (all_schemes, full), (subset, part) = losses
+    for prefix, loss in part.items():
+        assert loss.shape[-1] == len(subset)
+        for i, scheme in enumerate(subset):
+            assert (loss[..., i] == full[prefix][..., all_schemes.index(scheme)]).all()
+
+
+def test_percdamp_reaches_gptq_and_keys_the_sensitivity_cache(run, source, calib, tmp_path, monkeypatch):
+    """--percdamp is passed to every GPTQ call (sensitivity and export) and is part of
+    the sensitivity cache key, so Δ measured with another dampening is not reused."""
+    cache = tmp_path / "cache"
+    shutil.copytree(run.out_dir / "cache", cache)
+    real, seen = pipeline_module.quantize_unit, set()
+
+    def recording(*args, **kwargs):
+        seen.add(args[5] if len(args) > 5 else kwargs.get("percdamp"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "quantize_unit", recording)
+    import offline.sensitivity as sensitivity_module
+
+    monkeypatch.setattr(sensitivity_module, "quantize_unit", recording)
+    damped = quantize_mxmoe(source, calib, tmp_path / "q", wbits=3.25, r=1.0, percdamp=0.1, cache_dir=str(cache), **FAST)
+    assert damped.stages["sensitivity"] == "computed" and seen == {0.1}
+    with pytest.raises(PipelineError, match="percdamp"):
+        quantize_mxmoe(source, calib, tmp_path / "bad", wbits=3.25, percdamp=0.0, **FAST)
+
+
 def test_model_budget_scope_moves_bits_between_layers(run, source, calib, tmp_path):
     """Default budget_scope="layer" (one ILP per layer, the paper's) keeps each layer
     within the budget; budget_scope="model" (one ILP over all layers) keeps only the
@@ -264,6 +318,41 @@ def test_sensitivity_tokens_are_held_out_from_the_hessians(source, calib, tmp_pa
     torch.testing.assert_close(a.down_hessian, b.down_hessian)
     assert a.counts.sum() == 2 * 8 * 64 and b.counts.sum() == 2 * 6 * 64  # top-2 of all tokens
     assert a.sample_sizes.sum() == 2 * 2 * 64  # every routed token of the 2 held-out sequences
+
+
+def test_routing_weighted_hessians(source, calib, tmp_path):
+    """hessian_weights="routing": H = 2/n sum_t w_t^2 x_t x_t^T over an expert's routed
+    tokens (w_t its routing weight); "none" (default): 2/n sum_t x_t x_t^T. Checked
+    against every routed token, kept as the sample (sample_tokens above the count)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    layers = find_moe_layers(model, inspect_model(source))
+    sequences = load_calibration(source, calib, seq_len=64, num_tokens=4 * 64)
+    stores = {
+        kind: profile_model(model, layers, sequences, ProfileStore(tmp_path / kind), 10_000, hessian_weights=kind)
+        for kind in ("none", "routing")
+    }  # fmt: skip
+    experts = layers[1].experts
+    plain, weighted = (stores[k].load(layers[1].prefix) for k in ("none", "routing"))
+    torch.testing.assert_close(plain.sample_inputs, weighted.sample_inputs)
+    checked = 0
+    for e in range(experts.gate_up_proj.shape[0]):
+        x, w = weighted.samples(e)
+        n = x.shape[0]
+        if n == 0:
+            continue
+        assert n == weighted.counts[e]  # all routed tokens are in the sample
+        gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e].detach()).chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+        for got, inputs in ((weighted.gate_up_hessian[e], x), (weighted.down_hessian[e], h)):
+            expected = 2 * (inputs * w[:, None]).T @ (inputs * w[:, None]) / n
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(plain.gate_up_hessian[e], 2 * x.T @ x / n, rtol=1e-4, atol=1e-6)
+        checked += 1
+    assert checked >= 2
+    with pytest.raises(PipelineError, match="hessian-weights"):
+        quantize_mxmoe(source, calib, tmp_path / "bad", wbits=3.25, hessian_weights="gate", **FAST)
 
 
 def test_report_json_and_plots_are_written(tmp_path, monkeypatch):
