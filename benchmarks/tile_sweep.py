@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -46,7 +47,7 @@ SPLIT_K = (1, 2, 4)
 REP_MS = 20  # per config; the shipped one is timed the same way
 
 
-def candidates(shipped: GemmConfig, n: int, k: int, groups: list[int], swap_ab: bool = False) -> list[GemmConfig]:
+def candidates(shipped: GemmConfig, n: int, k: int, groups: Sequence[int], swap_ab: bool = False) -> list[GemmConfig]:
     """The shipped config first, then the grid around it (same BLOCK_M; BLOCK_M one step down in decode);
     ``swap_ab`` adds each config with the tile computed as W x A^T."""
     block_ms = [shipped.block_m] + ([shipped.block_m // 2] if shipped.block_m >= 32 else [])
@@ -66,10 +67,6 @@ def candidates(shipped: GemmConfig, n: int, k: int, groups: list[int], swap_ab: 
                     if c not in out:
                         out.append(c)
     return out
-
-
-def _groups(w) -> list[int]:
-    return sorted({s.group(w.k) for s in w.schemes})
 
 
 def gemm_inputs(shape: str, assign: str, tokens: int, block_m: int, w13, w2):
@@ -100,7 +97,7 @@ def cases(shapes, assigns, tokens_list, swap_ab=False):
                 w13, w2 = kc.make_layer(shape, assign, fill=False)
                 c1, c2 = select_configs(t, topk, w13, w2, torch.device(kc.DEVICE))
                 for which, w, shipped in (("gate_up", w13, c1), ("down", w2, c2)):
-                    out.append((shape, assign, t, which, candidates(shipped, w.n, w.k, _groups(w), swap_ab)))
+                    out.append((shape, assign, t, which, candidates(shipped, w.n, w.k, w.group_sizes(), swap_ab)))
     return out
 
 

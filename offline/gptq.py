@@ -38,10 +38,9 @@ import torch
 from vllm_mxmoe.format import QuantizedWeight, encode
 from vllm_mxmoe.schemes import Scheme
 
-from .quant_grid import as_float_weight, fit_grid, fit_grid_mse, quantize_dequantize
+from .quant_grid import CLIP_MODES, as_float_weight, fit_grid, fit_grid_clipped, quantize_dequantize
 
 DEFAULT_PERCDAMP = 0.01
-CLIP_MODES = ("minmax", "mse")
 DEFAULT_BLOCK_SIZE = 128
 # Dampening tried after percdamp when the Cholesky factorisation fails.
 _DAMP_RETRIES = (0.1, 1.0, 10.0)
@@ -163,7 +162,7 @@ def run_gptq(
     if dynamic:
         grid = _Grid.empty(weight, scheme)
     else:
-        grid = _Grid.fitted(weight, scheme, importance if clip == "mse" else None, clip)
+        grid = _Grid.fitted(weight, scheme, clip, importance)
     quantized = _gptq_pass(weight[:, order], hinv, order.tolist(), grid, block_size, dynamic)
     return GPTQResult(quantized[:, torch.argsort(order)], grid.scale, grid.zero, scheme, used_rtn=False)
 
@@ -192,11 +191,10 @@ class _Grid:
         cls,
         weight: torch.Tensor,
         scheme: Scheme,
-        importance: torch.Tensor | None = None,
         clip: str = "minmax",
+        importance: torch.Tensor | None = None,
     ) -> _Grid:
-        grid = fit_grid_mse(weight, scheme, importance) if clip == "mse" else fit_grid(weight, scheme)
-        return cls(scheme, scheme.group(weight.shape[1]), *grid)
+        return cls(scheme, scheme.group(weight.shape[1]), *fit_grid_clipped(weight, scheme, clip, importance))
 
     @classmethod
     def empty(cls, weight: torch.Tensor, scheme: Scheme) -> _Grid:
@@ -255,7 +253,7 @@ def _gptq_pass(
 
 
 def _rtn_result(weight: torch.Tensor, scheme: Scheme, clip: str = "minmax") -> GPTQResult:
-    scale, zero = fit_grid_mse(weight, scheme) if clip == "mse" else fit_grid(weight, scheme)
+    scale, zero = fit_grid_clipped(weight, scheme, clip)
     g = scheme.group(weight.shape[1])
     per_column_zero = None if zero is None else zero.repeat_interleave(g, dim=1)
     fake = quantize_dequantize(weight, scale.repeat_interleave(g, dim=1), per_column_zero, scheme)

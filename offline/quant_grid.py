@@ -67,16 +67,15 @@ def fit_grid(w: torch.Tensor, scheme: Scheme) -> Grid:
     if scheme.weight_is_fp8:
         return _storable_scale(_div(w.abs().amax(dim=1, keepdim=True), FP8_MAX)), None
     g = scheme.group(k)
-    groups = w.reshape(n, k // g, g)
+    return _grid_of_range(*_group_range(w.reshape(n, k // g, g), scheme), scheme)
+
+
+def _group_range(groups: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi] per group of ``groups`` [N, K/g, g], widened to contain 0 (symmetric: +-absmax)."""
     if scheme.symmetric:
-        half_range = (1 << (scheme.bits - 1)) - 1
-        return _storable_scale(_div(groups.abs().amax(dim=-1), half_range)), None
-    lo = groups.amin(dim=-1).clamp(max=0.0)
-    hi = groups.amax(dim=-1).clamp(min=0.0)
-    scale = _storable_scale(_div(hi - lo, scheme.qmax))
-    # Zero from the stored (fp16) scale, so encode sees the grid we reasoned about.
-    zero = torch.round(-lo / scale.float()).clamp(0, scheme.qmax)
-    return scale, zero.to(SCALE_DTYPE)
+        hi = groups.abs().amax(dim=-1)
+        return -hi, hi
+    return groups.amin(dim=-1).clamp(max=0.0), groups.amax(dim=-1).clamp(min=0.0)
 
 
 # Clipping search (``fit_grid_mse``): shrink factors of the group's range tried.
@@ -111,25 +110,14 @@ def fit_grid_mse(
     if imp.shape != (k,):
         raise ValueError(f"importance must have shape [{k}], got {tuple(imp.shape)}")
     imp = imp.clamp(min=0).reshape(1, k // g, g)
-    if scheme.symmetric:
-        base_hi = groups.abs().amax(dim=-1)
-        base_lo = -base_hi
-    else:
-        base_lo = groups.amin(dim=-1).clamp(max=0.0)
-        base_hi = groups.amax(dim=-1).clamp(min=0.0)
+    base_lo, base_hi = _group_range(groups, scheme)
     best_err = torch.full(base_lo.shape, float("inf"), device=w.device)
     best_scale = torch.empty(base_lo.shape, dtype=SCALE_DTYPE, device=w.device)
     best_zero = None if scheme.symmetric else torch.empty_like(best_scale)
     for i in range(grid + 1):
         p = 1.0 - max_shrink * i / grid
         scale, zero = _grid_of_range(base_lo * p, base_hi * p, scheme)
-        s = scale.float().unsqueeze(-1)
-        if scheme.symmetric:
-            offset = float(1 << (scheme.bits - 1))
-            q = ((torch.round(groups / s) + offset).clamp(0, scheme.qmax) - offset) * s
-        else:
-            z = zero.float().unsqueeze(-1)
-            q = ((torch.round(groups / s) + z).clamp(0, scheme.qmax) - z) * s
+        q = quantize_dequantize(groups, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), scheme)
         err = ((q - groups).pow(2) * imp).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -140,13 +128,26 @@ def fit_grid_mse(
 
 
 def _grid_of_range(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme) -> Grid:
-    """(scale, zero) of a range [lo, hi] (lo <= 0 <= hi), as fit_grid computes them."""
+    """(scale, zero) of a range [lo, hi] (lo <= 0 <= hi; symmetric: lo = -hi)."""
     if scheme.symmetric:
         half_range = (1 << (scheme.bits - 1)) - 1
         return _storable_scale(_div(hi, half_range)), None
     scale = _storable_scale(_div(hi - lo, scheme.qmax))
+    # Zero from the stored (fp16) scale, so encode sees the grid we reasoned about.
     zero = torch.round(-lo / scale.float()).clamp(0, scheme.qmax)
     return scale, zero.to(SCALE_DTYPE)
+
+
+CLIP_MODES = ("minmax", "mse")
+
+
+def fit_grid_clipped(w: torch.Tensor, scheme: Scheme, clip: str, importance: torch.Tensor | None = None) -> Grid:
+    """``fit_grid`` (clip "minmax") or ``fit_grid_mse`` weighted by ``importance`` (clip "mse")."""
+    if clip == "mse":
+        return fit_grid_mse(w, scheme, importance)
+    if clip == "minmax":
+        return fit_grid(w, scheme)
+    raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
 
 
 def quantize_dequantize(

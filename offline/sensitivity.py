@@ -33,7 +33,7 @@ from vllm_mxmoe.schemes import Scheme, parse_scheme
 from .gptq import DEFAULT_PERCDAMP, run_gptq
 from .ilp import UNITS
 from .profile import LayerProfile
-from .quant_grid import fit_grid, fit_grid_mse
+from .quant_grid import fit_grid_clipped
 
 METHODS = ("gptq", "rtn")
 
@@ -73,13 +73,8 @@ def quantize_unit(
         result = run_gptq(w, hessian, scheme, clip=clip, percdamp=percdamp)
         return QuantizedUnit(result.fake_quantized, result.scale, result.zero, scheme)
     if method == "rtn":
-        if clip == "mse":
-            diag = hessian.diagonal().float()
-            scale, zero = fit_grid_mse(w, scheme, diag if bool((diag > 0).any()) else None)
-        elif clip == "minmax":
-            scale, zero = fit_grid(w, scheme)
-        else:
-            raise ValueError(f"clip must be 'minmax' or 'mse', got {clip!r}")
+        diag = hessian.diagonal().float()
+        scale, zero = fit_grid_clipped(w, scheme, clip, diag if bool((diag > 0).any()) else None)
         fake = dequantize(encode(w.detach().float(), scale, zero, scheme), w.shape[1])
         return QuantizedUnit(fake, scale, zero, scheme)
     raise ValueError(f"unknown quantization method {method!r} (choose from {', '.join(METHODS)})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -104,7 +105,7 @@ def table_config(num_tokens: int, topk: int, num_experts: int) -> GemmConfig:
     return TILE_TABLE[-1][1]
 
 
-def fit_block_k(block_k: int, k: int, groups: list[int]) -> int:
+def fit_block_k(block_k: int, k: int, groups: Sequence[int]) -> int:
     """Largest power of two <= block_k dividing K and every group size.
 
     One K tile then lies inside one quantization group, so a tile needs one
@@ -132,7 +133,7 @@ def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n
 
 
 def select_gemm_config(
-    num_tokens: int, topk: int, num_experts: int, n: int, k: int, groups: list[int], device=None,
+    num_tokens: int, topk: int, num_experts: int, n: int, k: int, groups: Sequence[int], device=None,
     sms: int | None = None,
 ) -> GemmConfig:
     """The config of one GEMM of a layer (BLOCK_M follows table_config for both); ``sms``

@@ -53,17 +53,13 @@ def moe_sum(partials: torch.Tensor, slot_expert: torch.Tensor, topk: int, out: t
     return out
 
 
-def _groups(w: ExpertGemmWeights) -> list[int]:
-    return sorted({s.group(w.k) for s in w.schemes})
-
-
 def select_configs(
     num_tokens: int, topk: int, w13: ExpertGemmWeights, w2: ExpertGemmWeights, device=None
 ) -> tuple[GemmConfig, GemmConfig]:
     """Configs of (GEMM1, GEMM2) for this token count; both share BLOCK_M (see configs.py)."""
     e = w13.num_experts
-    cfg1 = select_gemm_config(num_tokens, topk, e, w13.n, w13.k, _groups(w13), device)
-    cfg2 = select_gemm_config(num_tokens, topk, e, w2.n, w2.k, _groups(w2), device)
+    cfg1 = select_gemm_config(num_tokens, topk, e, w13.n, w13.k, w13.group_sizes(), device)
+    cfg2 = select_gemm_config(num_tokens, topk, e, w2.n, w2.k, w2.group_sizes(), device)
     return cfg1, cfg2
 
 

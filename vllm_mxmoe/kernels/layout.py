@@ -79,6 +79,10 @@ class ExpertGemmWeights:
             meta=torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(schemes), 6),
         )
 
+    def group_sizes(self) -> tuple[int, ...]:
+        """The distinct quantization group sizes along K of the layer's schemes (per channel: K)."""
+        return tuple(sorted({s.group(self.k) for s in self.schemes}))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
 

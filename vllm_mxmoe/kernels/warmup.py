@@ -32,10 +32,6 @@ def enabled() -> bool:
     return os.environ.get("MXMOE_WARMUP", "1") != "0"
 
 
-def _groups(w: ExpertGemmWeights) -> tuple[int, ...]:
-    return tuple(sorted({s.group(w.k) for s in w.schemes}))
-
-
 def _align_variant(num_slots: int, num_experts: int) -> tuple:
     """What changes the alignment kernels' constexprs (one-program: the padded slot count)."""
     e_pow2 = 1 << max(num_experts - 1, 0).bit_length()
@@ -56,8 +52,8 @@ def signature_token_counts(
     """
     seen: dict[tuple, int] = {}
     for t in range(1, max_tokens + 1):
-        cfg1 = select_gemm_config(t, topk, num_experts, gemm1[0], gemm1[1], list(gemm1[2]), sms=sms)
-        cfg2 = select_gemm_config(t, topk, num_experts, gemm2[0], gemm2[1], list(gemm2[2]), sms=sms)
+        cfg1 = select_gemm_config(t, topk, num_experts, gemm1[0], gemm1[1], gemm1[2], sms=sms)
+        cfg2 = select_gemm_config(t, topk, num_experts, gemm2[0], gemm2[1], gemm2[2], sms=sms)
         sig = (cfg1, cfg2, _align_variant(t * topk, num_experts))
         seen.setdefault(sig, t)
     return tuple((t, sig) for sig, t in seen.items())
@@ -73,10 +69,10 @@ def warm_up_layer(
     device = w13.qweight.device
     e_global = num_global_experts or w13.num_experts
     layer_key = (layer_kinds(w13), layer_kinds(w2), dtype, w13.n, w13.k, w2.n, w2.k, w13.num_experts, e_global,
-                 topk, expert_map is not None, _groups(w13), _groups(w2))
+                 topk, expert_map is not None, w13.group_sizes(), w2.group_sizes())
     todo = [
         (t, sig) for t, sig in signature_token_counts(
-            max_tokens, topk, w13.num_experts, (w13.n, w13.k, _groups(w13)), (w2.n, w2.k, _groups(w2)), num_sms(device)
+            max_tokens, topk, w13.num_experts, (w13.n, w13.k, w13.group_sizes()), (w2.n, w2.k, w2.group_sizes()), num_sms(device)
         ) if (layer_key, sig) not in _DONE
     ]
     t0 = time.perf_counter()
