@@ -149,10 +149,7 @@ def make_weights(names: list[str], n: int, k: int, seed: int, fill: bool = True)
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     for e, scheme in enumerate(schemes):
         qw = rtn_quantize(torch.randn(n, k, device=DEVICE, generator=g) / math.sqrt(k), scheme)
-        weights.packed_view(e).copy_(qw.packed)
-        weights.scale_view(e).copy_(qw.scale)
-        if qw.zero is not None:
-            weights.zero_view(e).copy_(qw.zero)
+        weights.store_block(e, qw)
     return weights
 
 

@@ -17,8 +17,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vllm_mxmoe.format import FP8_MAX, encode  # noqa: E402
-from vllm_mxmoe.kernels.layout import ExpertGemmWeights  # noqa: E402
+from vllm_mxmoe.format import FP8_MAX, encode, pack  # noqa: E402
+from vllm_mxmoe.kernels.layout import ExpertGemmWeights, from_kernel_order, to_kernel_order  # noqa: E402
 from vllm_mxmoe.kernels.reference import expert_linear, reference_fused_experts  # noqa: E402
 from vllm_mxmoe.schemes import Scheme, parse_scheme  # noqa: E402
 
@@ -80,10 +80,7 @@ def make_weights(scheme_names: list[str], n: int, k: int, gen: torch.Generator) 
     weights = ExpertGemmWeights.allocate(schemes, n, k)
     for e, scheme in enumerate(schemes):
         qw = rtn_quantize(torch.randn(n, k, generator=gen) / k**0.5, scheme)
-        weights.packed_view(e).copy_(qw.packed)
-        weights.scale_view(e).copy_(qw.scale)
-        if qw.zero is not None:
-            weights.zero_view(e).copy_(qw.zero)
+        weights.store_block(e, qw)
     return weights
 
 
@@ -102,6 +99,37 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 ALL_SCHEMES_G32 = ["w2g32", "w3g64", "w4g128", "w8", "w4g128_sym", "w8_sym", "w3", "w2g128", "w8a8fp8", "w4a8fp8"]
 ALL_SCHEMES = ["w2g128", "w3g128", "w4g128", "w8", "w4g128_sym", "w8a8fp8", "w4a8fp8", "w3_sym", "w8g128", "w2"]
+
+
+# ---------------------------------------------------------------------------
+# Layout
+
+
+def test_three_bit_kernel_order_is_a_2bit_plane_then_a_1bit_plane():
+    gen = torch.Generator().manual_seed(3)
+    n, k = 5, 256
+    codes = torch.randint(0, 8, (n, k), generator=gen, dtype=torch.int32)
+    w3 = parse_scheme("w3g128")
+    planes = to_kernel_order(w3, pack(codes, 3))
+    assert torch.equal(planes[:, : k // 16], pack(codes & 3, 2))
+    bit2 = ((codes >> 2).reshape(n, k // 32, 32).long() << torch.arange(32)).sum(-1)
+    assert torch.equal(planes[:, k // 16 :], bit2.to(torch.int64).remainder(2**32).to(torch.uint32).view(torch.int32))
+    assert torch.equal(from_kernel_order(w3, planes), pack(codes, 3))
+    w4 = parse_scheme("w4g128")
+    packed4 = pack(codes & 15, 4)
+    assert to_kernel_order(w4, packed4) is packed4 and from_kernel_order(w4, packed4) is packed4
+
+
+def test_store_block_round_trips_through_block():
+    gen = torch.Generator().manual_seed(4)
+    weights = make_weights(["w3g64", "w4g128", "w3_sym", "w8a8fp8"], 16, 128, gen)
+    for e, scheme in enumerate(weights.schemes):
+        qw = rtn_quantize(torch.randn(16, 128, generator=gen), scheme)
+        weights.store_block(e, qw)
+        got = weights.block(e)
+        assert torch.equal(got.packed.view(torch.uint8), qw.packed.view(torch.uint8)), scheme.name
+        assert torch.equal(got.scale, qw.scale)
+        assert (got.zero is None) == (qw.zero is None) and (got.zero is None or torch.equal(got.zero, qw.zero))
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from .format import (
     check_tensor,
     tensor_specs,
 )
-from .kernels.layout import ExpertGemmWeights
+from .kernels.layout import ExpertGemmWeights, to_kernel_order
 from .kernels.reference import reference_fused_experts
 from .sharding import down_shard_reason
 
@@ -144,19 +144,20 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
         key = (local, shard_id, suffix)
         if key in layer.mxmoe_loaded:
             raise CheckpointFormatError(f"tensor {name}: loaded twice")
-        block = weights.block(local)
-        dest = {WEIGHT_PACKED: block.packed, WEIGHT_SCALE: block.scale, WEIGHT_ZERO: block.zero}[suffix]
+        views = {WEIGHT_PACKED: weights.packed_view, WEIGHT_SCALE: weights.scale_view, WEIGHT_ZERO: weights.zero_view}
+        dest = views[suffix](local)
         if shard_id == "w2":
             # Down projections shard their input (intermediate) dim: whole columns
             # of words / groups, or all of a per-channel scale.
             cols = dest.shape[1]
             if loaded.shape[1] != cols:
                 loaded = loaded.narrow(1, tp_rank * cols, cols)
-            dest.copy_(loaded)
         else:
-            rows = loaded.narrow(0, tp_rank * inter, inter)
-            half = 0 if shard_id == "w1" else inter
-            dest.narrow(0, half, inter).copy_(rows)
+            loaded = loaded.narrow(0, tp_rank * inter, inter)
+            dest = dest.narrow(0, 0 if shard_id == "w1" else inter, inter)
+        if suffix == WEIGHT_PACKED:  # sharded in format v1 (whole chunks), then reordered
+            loaded = to_kernel_order(scheme, loaded)
+        dest.copy_(loaded)
         layer.mxmoe_loaded.add(key)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

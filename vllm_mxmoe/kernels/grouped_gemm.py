@@ -12,7 +12,9 @@ scheme; all branches live in one kernel, so they share num_warps:
   ``(q - zero) * scale`` in the activation dtype, tl.dot in fp16/bf16;
   2/3/4-bit codes have a second, field-wise path (DEQUANT mode 2, the default for
   decode tiles, configs.default_dequant): inline PTX LOP3 + two FMAs per f16x2/bf16x2
-  pair, with a pure-Triton twin (mode 1) that the interpreter runs;
+  pair, with a pure-Triton twin (mode 1) that the interpreter runs; 3-bit blocks are
+  read in kernel order (layout.to_kernel_order: a 2-bit plane, then a bit-2 plane),
+  so they unpack as 2-bit words plus one LOP3 per pair;
 * fp8 weights, fp8 activations (w8a8fp8): fp8 x fp8 tl.dot, per-channel
   weight scale and per-token activation scale applied once after the loop;
 * int4 weights, fp8 activations (w4a8fp8): ``q - 8`` is exact in e4m3, so
@@ -108,6 +110,17 @@ def _spread(x, FIELD: tl.constexpr, FIELDS: tl.constexpr):
 
 
 @triton.jit
+def _load_w3_planes(w_ptr, words_per_row, k0, offs_n, n_mask, BLOCK_K: tl.constexpr):
+    """A 3-bit K tile's words in kernel order: [BLOCK_N, BLOCK_K/16] of the 2-bit plane, [BLOCK_N, BLOCK_K/32]
+    of the bit-2 plane, which starts after the row's K/16 low-bit words."""
+    row = w_ptr + offs_n[:, None] * words_per_row
+    lo_words = words_per_row // 3 * 2
+    lo = tl.load(row + (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :], mask=n_mask[:, None], other=0)
+    hi = tl.load(row + lo_words + (k0 // 32 + tl.arange(0, BLOCK_K // 32))[None, :], mask=n_mask[:, None], other=0)
+    return lo, hi
+
+
+@triton.jit
 def _unpack_codes(
     w_ptr, words_per_row, k0, offs_n, n_mask, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
 ):
@@ -116,14 +129,9 @@ def _unpack_codes(
     Each packed word is loaded once; the caller transposes the tile for tl.dot.
     """
     if BITS == 3:
-        # 3 words per 32-element chunk: low 2 bits of elements 0-15, of 16-31, then bit 2 of all.
-        CHUNKS: tl.constexpr = BLOCK_K // 32
-        chunk = tl.arange(0, CHUNKS)
-        base = w_ptr + offs_n[:, None] * words_per_row + (k0 // 32 + chunk[None, :]) * 3
-        lo_a = tl.load(base, mask=n_mask[:, None], other=0)
-        lo_b = tl.load(base + 1, mask=n_mask[:, None], other=0)
-        hi = tl.load(base + 2, mask=n_mask[:, None], other=0)
-        lo = tl.reshape(_spread(tl.join(lo_a, lo_b), 2, 16) & 3, (BLOCK_N, BLOCK_K))
+        # Kernel order (layout.to_kernel_order): the row's 2-bit plane, then its bit-2 plane.
+        lo, hi = _load_w3_planes(w_ptr, words_per_row, k0, offs_n, n_mask, BLOCK_K)
+        lo = tl.reshape(_spread(lo, 2, 16) & 3, (BLOCK_N, BLOCK_K))
         hi = tl.reshape(_spread(hi, 1, 32) & 1, (BLOCK_N, BLOCK_K))
         return lo | (hi << 2)
     else:
@@ -200,34 +208,32 @@ def _asm_pairs(bits: int, fp16: bool) -> str:
 
 
 def _asm_pairs_w3(fp16: bool) -> str:
-    """3-bit: 2 chunks (3 words each: lo2 of 0-15, lo2 of 16-31, bit 2 of 0-31) -> 32 pair outputs."""
+    """3-bit, kernel order: 2 low-bit words ($16, $17) and the bit-2 bits of each ($18, $19: bit j = weight j
+    of that word's 16) -> 16 pair outputs, field j of both words, as the 2-bit path plus one LOP3 for bit 2."""
     typ = "f16x2" if fp16 else "bf16x2"
     one = "0x3C003C00" if fp16 else "0x3F803F80"
-    la0, la1, lb0, lb1, h0, h1, sc, nz = (f"${32 + i}" for i in range(8))
     lines = [
-        "{", ".reg .b32 la, lah, lb, lbh, ha, hb, t, u, v, one, mz;",
+        "{", ".reg .b32 lo, lh, h, t, u, v, one, mz;",
         f"mov.b32 one, {one};", "mov.b32 mz, 0x80008000;",
-        f"prmt.b32 la, {la0}, {la1}, 0x5410;", f"prmt.b32 lah, {la0}, {la1}, 0x7632;",
-        f"prmt.b32 lb, {lb0}, {lb1}, 0x5410;", f"prmt.b32 lbh, {lb0}, {lb1}, 0x7632;",
-        f"prmt.b32 ha, {h0}, {h1}, 0x5410;", f"prmt.b32 hb, {h0}, {h1}, 0x7632;",
+        "prmt.b32 lo, $16, $17, 0x5410;", "prmt.b32 lh, $16, $17, 0x7632;",
+        "prmt.b32 h, $18, $19, 0x5410;",  # bit j of each half: bit 2 of that word's field j
     ]
-    for j in range(32):
-        lo_src = ["la", "lah", "lb", "lbh"][j // 8]
+    for j in range(16):
+        src = "lo" if j < 8 else "lh"
         sh = (j % 8) * 2
         if sh:
-            lines.append(f"shr.u32 u, {lo_src}, {sh};")
-            lo_src = "u"
-        hsrc, hb_pos = ("ha", j) if j < 16 else ("hb", j - 16)
-        if hb_pos > 2:
-            lines.append(f"shr.u32 v, {hsrc}, {hb_pos - 2};")
-        elif hb_pos < 2:
-            lines.append(f"shl.b32 v, {hsrc}, {2 - hb_pos};")
+            lines.append(f"shr.u32 u, {src}, {sh};")
+            src = "u"
+        if j > 2:
+            lines.append(f"shr.u32 v, h, {j - 2};")
+        elif j < 2:  # the low half's top bits cross into the high half; the mask below drops them
+            lines.append(f"shl.b32 v, h, {2 - j};")
         else:
-            lines.append(f"mov.b32 v, {hsrc};")
-        lines.append(f"lop3.b32 t, {lo_src}, 0x00030003, {hex(_magic(fp16))}, 0xea;")
+            lines.append("mov.b32 v, h;")
+        lines.append(f"lop3.b32 t, {src}, 0x00030003, {hex(_magic(fp16))}, 0xea;")
         lines.append("lop3.b32 t, v, 0x00040004, t, 0xea;")
-        lines.append(f"fma.rn.{typ} t, t, one, {nz};")
-        lines.append(f"fma.rn.{typ} ${j}, t, {sc}, mz;")
+        lines.append(f"fma.rn.{typ} t, t, one, $21;")
+        lines.append(f"fma.rn.{typ} ${j}, t, $20, mz;")
     lines.append("}")
     return "\n".join(lines)
 
@@ -254,8 +260,8 @@ def _asm_w4_pairs_in_word(fp16: bool) -> str:
 
 _ASM_W4P_F16, _ASM_W4P_BF16 = tl.constexpr(_asm_w4_pairs_in_word(True)), tl.constexpr(_asm_w4_pairs_in_word(False))
 _CONS_4P = tl.constexpr("=r,=r,=r,=r,r,r,r,r")
-_CONS_8, _CONS_16, _CONS_32 = (tl.constexpr(",".join(["=r"] * f + ["r"] * (2 * n + 2)))
-                               for f, n in ((8, 1), (16, 1), (32, 3)))
+_CONS_8, _CONS_16, _CONS_W3 = (tl.constexpr(",".join(["=r"] * f + ["r"] * (2 * n + 2)))
+                               for f, n in ((8, 1), (16, 1), (16, 2)))
 
 
 @triton.jit
@@ -267,13 +273,10 @@ def _field(words, j: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE: tl.c
 
 
 @triton.jit
-def _field3(lo_a, lo_b, hi, j: tl.constexpr, scale, nzero, DTYPE: tl.constexpr):
+def _field3(lo, hi, j: tl.constexpr, scale, nzero, DTYPE: tl.constexpr):
+    """Pure-Triton twin of _asm_pairs_w3: field j of each low-bit word, bit 2 from bit j of hi."""
     MAGIC_BITS: tl.constexpr = 0x6400 if DTYPE == tl.float16 else 0x4300
-    if j < 16:
-        lo = (lo_a >> (2 * j)) & 3
-    else:
-        lo = (lo_b >> (2 * (j - 16))) & 3
-    q = lo | (((hi >> j) & 1) << 2) | MAGIC_BITS
+    q = ((lo >> (2 * j)) & 3) | (((hi >> j) & 1) << 2) | MAGIC_BITS
     return (q.to(tl.int16).to(DTYPE, bitcast=True) + nzero) * scale
 
 
@@ -335,58 +338,37 @@ def _dequant_tile(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
                   USE_ASM: tl.constexpr):
     """Dequantized weights [BLOCK_N, BLOCK_K] in DTYPE, K in memory order; scale/nzero [BLOCK_N, 1] in DTYPE."""
     if BITS == 3:
-        CHUNKS: tl.constexpr = BLOCK_K // 32
-        chunk = tl.arange(0, CHUNKS)
-        base = w_ptr + offs_n[:, None] * words_per_row + (k0 // 32 + chunk[None, :]) * 3
-        la = tl.load(base, mask=n_mask[:, None], other=0)
-        lb = tl.load(base + 1, mask=n_mask[:, None], other=0)
-        hb = tl.load(base + 2, mask=n_mask[:, None], other=0)
+        lo, hi = _load_w3_planes(w_ptr, words_per_row, k0, offs_n, n_mask, BLOCK_K)
+        # Low-bit word w covers weights 16w..16w+15 of the tile: its bit-2 bits are half of hi word w // 2.
+        hi = tl.reshape(tl.join(hi, hi >> 16), (BLOCK_N, BLOCK_K // 16))
         if USE_ASM:
             if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
                 o = tl.inline_asm_elementwise(
-                    _ASM_W3_F16, _CONS_32,
-                    [la, lb, hb, scale, nzero],
+                    _ASM_W3_F16, _CONS_W3,
+                    [lo, hi, scale, nzero],
                         dtype=(
-                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                            tl.float16, tl.float16,
+                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                            tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
                         ), is_pure=True, pack=2)
             else:
                 o = tl.inline_asm_elementwise(
-                    _ASM_W3_BF16, _CONS_32,
-                    [la, lb, hb, scale, nzero],
+                    _ASM_W3_BF16, _CONS_W3,
+                    [lo, hi, scale, nzero],
                         dtype=(
-                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                            tl.bfloat16, tl.bfloat16,
+                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                            tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
                         ), is_pure=True, pack=2)
         else:
-            o = (_field3(la, lb, hb, 0, scale, nzero, DTYPE), _field3(la, lb, hb, 1, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 2, scale, nzero, DTYPE), _field3(la, lb, hb, 3, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 4, scale, nzero, DTYPE), _field3(la, lb, hb, 5, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 6, scale, nzero, DTYPE), _field3(la, lb, hb, 7, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 8, scale, nzero, DTYPE), _field3(la, lb, hb, 9, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 10, scale, nzero, DTYPE), _field3(la, lb, hb, 11, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 12, scale, nzero, DTYPE), _field3(la, lb, hb, 13, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 14, scale, nzero, DTYPE), _field3(la, lb, hb, 15, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 16, scale, nzero, DTYPE), _field3(la, lb, hb, 17, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 18, scale, nzero, DTYPE), _field3(la, lb, hb, 19, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 20, scale, nzero, DTYPE), _field3(la, lb, hb, 21, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 22, scale, nzero, DTYPE), _field3(la, lb, hb, 23, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 24, scale, nzero, DTYPE), _field3(la, lb, hb, 25, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 26, scale, nzero, DTYPE), _field3(la, lb, hb, 27, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 28, scale, nzero, DTYPE), _field3(la, lb, hb, 29, scale, nzero, DTYPE),
-                 _field3(la, lb, hb, 30, scale, nzero, DTYPE), _field3(la, lb, hb, 31, scale, nzero, DTYPE))
-        t = tl.join(_join16(o[0], o[2], o[4], o[6], o[8], o[10], o[12], o[14],
-                            o[16], o[18], o[20], o[22], o[24], o[26], o[28], o[30]),
-                    _join16(o[1], o[3], o[5], o[7], o[9], o[11], o[13], o[15],
-                            o[17], o[19], o[21], o[23], o[25], o[27], o[29], o[31]))
+            o = (_field3(lo, hi, 0, scale, nzero, DTYPE), _field3(lo, hi, 1, scale, nzero, DTYPE),
+                 _field3(lo, hi, 2, scale, nzero, DTYPE), _field3(lo, hi, 3, scale, nzero, DTYPE),
+                 _field3(lo, hi, 4, scale, nzero, DTYPE), _field3(lo, hi, 5, scale, nzero, DTYPE),
+                 _field3(lo, hi, 6, scale, nzero, DTYPE), _field3(lo, hi, 7, scale, nzero, DTYPE),
+                 _field3(lo, hi, 8, scale, nzero, DTYPE), _field3(lo, hi, 9, scale, nzero, DTYPE),
+                 _field3(lo, hi, 10, scale, nzero, DTYPE), _field3(lo, hi, 11, scale, nzero, DTYPE),
+                 _field3(lo, hi, 12, scale, nzero, DTYPE), _field3(lo, hi, 13, scale, nzero, DTYPE),
+                 _field3(lo, hi, 14, scale, nzero, DTYPE), _field3(lo, hi, 15, scale, nzero, DTYPE))
+        t = _join16(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7],
+                    o[8], o[9], o[10], o[11], o[12], o[13], o[14], o[15])
         return tl.reshape(t, (BLOCK_N, BLOCK_K))
     else:
         PER_WORD: tl.constexpr = 32 // BITS

@@ -11,7 +11,9 @@ expert by looking up its row of ``meta``:
   (asymmetric schemes only; symmetric ones use code - 2**(bits-1)).
 
 ``meta`` is int64 [E, 6]: bits, group size, flags, and the three offsets.
-The packing inside a block is format v1's (vllm_mxmoe.format).
+The packing inside a block is format v1's (vllm_mxmoe.format), except 3-bit
+blocks, which are kept in kernel order (``to_kernel_order``): the loaders
+convert on the way in and ``block`` converts back.
 """
 
 from __future__ import annotations
@@ -42,6 +44,34 @@ def block_sizes(scheme: Scheme, n: int, k: int) -> tuple[int, int, int]:
     words = n * k // 4 if scheme.weight_is_fp8 else n * k * scheme.bits // 32
     scales = n * scheme.num_groups(k)
     return words, scales, scales if scheme.has_zero_point else 0
+
+
+def to_kernel_order(scheme: Scheme, packed: torch.Tensor) -> torch.Tensor:
+    """Format-v1 packed rows [n, words] -> the order the kernels read.
+
+    3 bits: v1 stores each 32-weight chunk as a word triple (low 2 bits of weights
+    0-15, of 16-31, then bit 2 of all 32). Kernel order puts each row's low-bit
+    words first (the row's 2-bit packing) and its bit-2 words after them (its 1-bit
+    packing), so a K tile's words are two contiguous runs that load as 16-byte
+    vectors, instead of three strided 4-byte loads per chunk. Rows stay rows, so
+    row slices (tensor-parallel shards) convert independently. Other schemes: as is.
+    """
+    if scheme.bits != 3:
+        return packed
+    n, words = packed.shape
+    triples = packed.reshape(n, words // 3, 3)
+    return torch.cat([triples[:, :, :2].reshape(n, -1), triples[:, :, 2]], dim=1)
+
+
+def from_kernel_order(scheme: Scheme, packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of to_kernel_order (a copy for 3-bit blocks)."""
+    if scheme.bits != 3:
+        return packed
+    n, words = packed.shape
+    chunks = words // 3
+    low = packed[:, : 2 * chunks].reshape(n, chunks, 2)
+    high = packed[:, 2 * chunks :].reshape(n, chunks, 1)
+    return torch.cat([low, high], dim=2).reshape(n, words)
 
 
 @dataclass
@@ -89,6 +119,7 @@ class ExpertGemmWeights:
     # Views of one expert's block (row slices of n; used by loaders and the reference).
 
     def packed_view(self, e: int) -> torch.Tensor:
+        """Expert e's packed words as stored, in kernel order (to_kernel_order)."""
         scheme = self.schemes[e]
         words, _, _ = block_sizes(scheme, self.n, self.k)
         off = int(self.meta[e, W_OFF])
@@ -111,7 +142,17 @@ class ExpertGemmWeights:
         return self.zeros[off : off + self.n * groups].view(self.n, groups)
 
     def block(self, e: int) -> QuantizedWeight:
-        return QuantizedWeight(self.schemes[e], self.packed_view(e), self.scale_view(e), self.zero_view(e))
+        """Expert e's block in format v1 (3-bit words are a converted copy; write with store_block)."""
+        scheme = self.schemes[e]
+        packed = from_kernel_order(scheme, self.packed_view(e))
+        return QuantizedWeight(scheme, packed, self.scale_view(e), self.zero_view(e))
+
+    def store_block(self, e: int, qw: QuantizedWeight) -> None:
+        """Write a format-v1 block into expert e's slots."""
+        self.packed_view(e).copy_(to_kernel_order(self.schemes[e], qw.packed))
+        self.scale_view(e).copy_(qw.scale)
+        if qw.zero is not None:
+            self.zero_view(e).copy_(qw.zero)
 
     def dequantize_expert(self, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.block(e), self.k, dtype)
