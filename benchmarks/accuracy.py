@@ -114,6 +114,9 @@ def configurations() -> dict[str, dict | None]:
     damp = {"percdamp": 0.1}
     for name in ("gptq-w2g128", "mxmoe-2.25-r1", "ablation-2.25-model-budget-fisher", "gptq-w3g128", "mxmoe-3.25-r1"):
         configs[f"{name}-damp0.1"] = {**configs[name], **damp}
+    # GPTQ in model order (Hessians through the already quantized layers), baselines included
+    for name in ("gptq-w2g128", "mxmoe-2.25-r1", "gptq-w3g128", "mxmoe-3.25-r1"):
+        configs[f"{name}-seq"] = {**configs[name], "sequential": True}
     return configs
 
 
@@ -131,6 +134,7 @@ def describe(options: dict | None) -> dict:
             "layer_weights": "-",
             "clip": "-",
             "percdamp": "-",
+            "sequential": "-",
         }
     fixed = options.get("scheme_map")
     return {
@@ -149,6 +153,7 @@ def describe(options: dict | None) -> dict:
         ),
         "clip": options.get("clip", DEFAULT_CLIP),
         "percdamp": options.get("percdamp", DEFAULT_PERCDAMP),
+        "sequential": options.get("sequential", False),
     }
 
 

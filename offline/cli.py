@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"GPTQ dampening as a share of the Hessian's mean diagonal (default {DEFAULT_PERCDAMP})",
     )  # fmt: skip
     mx.add_argument(
+        "--sequential", action="store_true",
+        help="GPTQ in model order: each MoE layer's Hessians come from the already quantized layers "
+        "before it (GPTQ's own loop), not from the unquantized model; three more passes of the "
+        "calibration tokens per MoE layer",
+    )  # fmt: skip
+    mx.add_argument(
         "--hessian-weights", choices=HESSIAN_WEIGHTS, default="none",
         help="GPTQ Hessians: none = X^T X over an expert's routed tokens (default); routing = each "
         "token weighted by its squared routing weight (the MoE layer's output error, as Δ measures it)",
@@ -218,7 +224,7 @@ def run_pipeline(args: argparse.Namespace) -> str:
         granularity=args.granularity, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
         sample_tokens=args.sample_tokens, holdout=args.holdout, cache_dir=args.cache_dir, device=args.device,
         budget_scope=args.budget_scope, clip=args.clip, layer_weights=args.layer_weights,
-        hessian_weights=args.hessian_weights, percdamp=args.percdamp,
+        hessian_weights=args.hessian_weights, percdamp=args.percdamp, sequential=args.sequential,
     )  # fmt: skip
     report = result.report
     print(

@@ -26,7 +26,10 @@
   for the sensitivity measurement, the allocation's quantization and a given
   (uniform) allocation.
 * quantize: each block with its scheme through ``sensitivity.quantize_unit``,
-  the same function that measured Δ, so the checkpoint holds what was predicted.
+  the same function that measured Δ, so the checkpoint holds what was predicted;
+  with ``sequential`` the GPTQ Hessians are instead re-measured in model order
+  through the already quantized layers (sequential.py), so what is stored then
+  differs from what Δ predicted.
 
 Instead of a budget, an allocation can be given (``scheme_map``: uniform or per
 expert, as ``--scheme`` / ``--scheme-map``); then sensitivity and ILP are skipped.
@@ -79,12 +82,14 @@ from .profile import (
     MoELayer,
     ProfileStore,
     find_moe_layers,
+    holdout_mask,
     layer_output_gains,
     profile_model,
 )
 from .report import LayerResult, build_report, plot_report, write_report
 from .rotation import rotate_model_
 from .scheme_map import resolve_scheme_map
+from .sequential import quantize_in_model_order
 from .sensitivity import METHODS, QuantizedUnit, layer_sensitivity, quantize_unit
 
 # Bump when what the caches hold changes meaning, so old caches are not reused.
@@ -133,6 +138,9 @@ class QuantizeOptions:
     # weighted by its squared routing weight (the MoE layer's output error, as Δ measures it)
     hessian_weights: str = DEFAULT_HESSIAN_WEIGHTS
     percdamp: float = DEFAULT_PERCDAMP  # GPTQ dampening, a share of the Hessian's mean diagonal
+    # GPTQ Hessians from the already quantized layers before each MoE layer (sequential.py)
+    # instead of the unquantized model's profile
+    sequential: bool = False
     batch_size: int = DEFAULT_BATCH_SIZE  # calibration sequences per forward
     cache_dir: str | None = None  # default: <out>/cache
     device: str | None = None  # default: cuda if available, else cpu
@@ -182,6 +190,8 @@ class QuantizeOptions:
                 raise PipelineError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.holdout < 1.0:
             raise PipelineError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.sequential and self.method != "gptq":
+            raise PipelineError(f"--sequential changes GPTQ's Hessians; it needs --method gptq, not {self.method!r}")
 
     @property
     def effective_holdout(self) -> float:
@@ -273,7 +283,8 @@ class _Pipeline:
         else:
             self.stages["sensitivity"] = self.stages["allocate"] = "skipped"
             layers = self._given(moe_layers, store, fixed)
-        packed = self._quantize(moe_layers, store, layers)
+        fitted = self._quantize_in_model_order(model, moe_layers, layers, sequences) if opts.sequential else {}
+        packed = self._quantize(moe_layers, store, layers, fitted)
         self._export(model, rotation, layers, packed)
         report = self._report(layers, rotation)
         return PipelineResult(self.out, report, dict(self.stages))
@@ -476,10 +487,23 @@ class _Pipeline:
 
     # -- quantize and write ---------------------------------------------------
 
+    def _quantize_in_model_order(self, model, moe_layers, layers: list[LayerResult], sequences) -> dict:
+        """Every unit GPTQ-fitted in model order (sequential.py), keyed (prefix, unit, expert)."""
+        schemes = {r.prefix: {"gate_up": r.gate_up, "down": r.down} for r in layers}
+        fit = sequences[~holdout_mask(sequences.shape[0], self.opts.effective_holdout)]
+
+        def quantize(moe: MoELayer, unit: str, expert: int, weight, hessian) -> QuantizedUnit:
+            return quantize_unit(weight.float(), hessian, parse_scheme(schemes[moe.prefix][unit][expert]),
+                                 self.opts.method, self.opts.clip, self.opts.percdamp)
+
+        return quantize_in_model_order(model, moe_layers, fit, quantize, self.opts.batch_size,
+                                       self.opts.hessian_weights)
+
     def _quantize(
-        self, moe_layers, store: ProfileStore | None, layers: list[LayerResult]
+        self, moe_layers, store: ProfileStore | None, layers: list[LayerResult], fitted: dict
     ) -> dict[str, QuantizedWeight]:
-        """Stored tensors of every expert block, by checkpoint module name."""
+        """Stored tensors of every expert block, by checkpoint module name (from ``fitted`` where
+        it holds the unit, else quantized now with the profile's Hessian)."""
         gate_name, up_name, down_name = self.spec.proj_names
         packed: dict[str, QuantizedWeight] = {}
         total = sum(len(r.gate_up) for r in layers)
@@ -490,12 +514,14 @@ class _Pipeline:
                 inter = experts.down_proj.shape[2]
                 for e in range(len(result.gate_up)):
                     base = f"{layer.prefix}.{e}"
-                    gate_up = self._quantize_unit(
+                    gate_up = fitted.get((layer.prefix, "gate_up", e)) or self._quantize_unit(
                         experts.gate_up_proj[e], profile, "gate_up", e, result.gate_up[e]
                     )
                     packed[f"{base}.{gate_name}"] = gate_up.encode_rows(slice(0, inter))
                     packed[f"{base}.{up_name}"] = gate_up.encode_rows(slice(inter, 2 * inter))
-                    down = self._quantize_unit(experts.down_proj[e], profile, "down", e, result.down[e])
+                    down = fitted.get((layer.prefix, "down", e)) or self._quantize_unit(
+                        experts.down_proj[e], profile, "down", e, result.down[e]
+                    )
                     packed[f"{base}.{down_name}"] = down.encode_rows(slice(None))
                     bar.update()
         self.stages["quantize"] = "computed"

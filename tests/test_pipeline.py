@@ -259,6 +259,50 @@ def test_rotated_gptq_export_is_what_the_pipeline_predicted(run, source):
     assert json.loads((run.out_dir / "config.json").read_text())["tie_word_embeddings"] is False
 
 
+def test_sequential_gptq_takes_hessians_through_the_quantized_layers(run, source, calib, tmp_path):
+    """--sequential: each block is GPTQ of the rotated weight with the Hessian its inputs have
+    in the model whose earlier blocks are already quantized. Checked against an independent
+    profile of the dequantized sequential checkpoint: its layer-0 gate_up inputs are the
+    unquantized model's (nothing runs before them), its layer-1 inputs pass through quantized
+    layer-0 experts, and down's inputs through the quantized gate_up of the same expert."""
+    from transformers import AutoModelForCausalLM
+
+    seq = quantize_mxmoe(source, calib, tmp_path / "seq", wbits=3.25, r=1.0, sequential=True,
+                         cache_dir=str(run.out_dir / "cache"), **FAST)
+    assert seq.stages["profile"] == "cached" and seq.stages["sensitivity"] == "cached"
+    assert [x["experts"] for x in seq.report["layers"]] == [x["experts"] for x in run.report["layers"]]
+    deq = dequantize_checkpoint(seq.out_dir, tmp_path / "dq")
+    quantized = AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    rotate_model_(original, seed=0)
+    spec = inspect_model(source)
+    sequences = load_calibration(source, calib, seq_len=FAST["seq_len"], num_tokens=FAST["calib_tokens"])
+    store = profile_model(quantized, find_moe_layers(quantized, spec), sequences, ProfileStore(tmp_path / "p"))
+    plain = ProfileStore(next((run.out_dir / "cache").glob("profile-*")))
+    clip = seq.report["options"]["clip"]
+    for layer_entry in seq.report["layers"]:
+        prefix = layer_entry["prefix"]
+        index = int(prefix.split(".")[2])
+        rotated = original.model.layers[index].mlp.experts
+        stored = quantized.model.layers[index].mlp.experts
+        profile = store.load(prefix)
+        for e in (1, 3):
+            entry = layer_entry["experts"][e]
+            want_gate_up = quantize_unit(rotated.gate_up_proj[e], profile.gate_up_hessian[e],
+                                         parse_scheme(entry["gate_up"]["scheme"]), "gptq", clip).fake_quantized
+            # the quantized model's own down Hessian is taken after its (quantized) gate_up
+            want_down = quantize_unit(rotated.down_proj[e], profile.down_hessian[e],
+                                      parse_scheme(entry["down"]["scheme"]), "gptq", clip).fake_quantized
+            torch.testing.assert_close(stored.gate_up_proj[e], want_gate_up, rtol=0, atol=0)
+            torch.testing.assert_close(stored.down_proj[e], want_down, rtol=0, atol=0)
+        if index == 0:  # same inputs as the unquantized profile: same Hessian
+            torch.testing.assert_close(profile.gate_up_hessian, plain.load(prefix).gate_up_hessian)
+        else:
+            assert not torch.allclose(profile.gate_up_hessian, plain.load(prefix).gate_up_hessian)
+    with pytest.raises(PipelineError, match="sequential"):
+        quantize_mxmoe(source, calib, tmp_path / "bad", wbits=3.25, sequential=True, method="rtn", **FAST)
+
+
 def test_unrouted_expert_gets_finite_rtn_weights(run, source):
     layer0 = run.report["layers"][0]
     expert = layer0["experts"][UNROUTED]
