@@ -57,8 +57,8 @@ def quantize_in_model_order(
         original = {name: getattr(experts, name).data.clone() for name in ("gate_up_proj", "down_proj")}
         try:
             for unit, name in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
-                recorder = _record(layer, moe, batches, hessian_weights)
-                hessians = recorder.gate_up_hessian if unit == "gate_up" else recorder.down_hessian
+                profile = _record(layer, moe, batches, hessian_weights)
+                hessians = profile.gate_up_hessian if unit == "gate_up" else profile.down_hessian
                 weights = getattr(experts, name)
                 for e in range(weights.shape[0]):
                     q = quantize(moe, unit, e, weights[e], hessians[e].to(weights.device))
