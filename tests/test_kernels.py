@@ -17,7 +17,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vllm_mxmoe.format import FP8_MAX, encode, pack  # noqa: E402
+from vllm_mxmoe.format import FP8_MAX, encode, pack, unpack  # noqa: E402
 from vllm_mxmoe.kernels.layout import ExpertGemmWeights, from_kernel_order, to_kernel_order  # noqa: E402
 from vllm_mxmoe.kernels.reference import expert_linear, reference_fused_experts  # noqa: E402
 from vllm_mxmoe.schemes import Scheme, parse_scheme  # noqa: E402
@@ -98,6 +98,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 ALL_SCHEMES_G32 = ["w2g32", "w3g64", "w4g128", "w8", "w4g128_sym", "w8_sym", "w3", "w2g128", "w8a8fp8", "w4a8fp8"]
+FRAGMENT_SCHEMES = ["w4g128", "w4", "w4g128_sym", "w3g128", "w2g128", "w4"]
 ALL_SCHEMES = ["w2g128", "w3g128", "w4g128", "w8", "w4g128_sym", "w8a8fp8", "w4a8fp8", "w3_sym", "w8g128", "w2"]
 
 
@@ -109,20 +110,53 @@ def test_three_bit_kernel_order_is_a_2bit_plane_then_a_1bit_plane():
     gen = torch.Generator().manual_seed(3)
     n, k = 5, 256
     codes = torch.randint(0, 8, (n, k), generator=gen, dtype=torch.int32)
-    w3 = parse_scheme("w3g128")
+    w3 = parse_scheme("w3g64")  # groups of 64: not in fragment order
     planes = to_kernel_order(w3, pack(codes, 3))
     assert torch.equal(planes[:, : k // 16], pack(codes & 3, 2))
     bit2 = ((codes >> 2).reshape(n, k // 32, 32).long() << torch.arange(32)).sum(-1)
     assert torch.equal(planes[:, k // 16 :], bit2.to(torch.int64).remainder(2**32).to(torch.uint32).view(torch.int32))
     assert torch.equal(from_kernel_order(w3, planes), pack(codes, 3))
-    w4 = parse_scheme("w4g128")
     packed4 = pack(codes & 15, 4)
-    assert to_kernel_order(w4, packed4) is packed4 and from_kernel_order(w4, packed4) is packed4
+    for name in ("w4g64", "w4g32", "w4a8fp8"):  # groups smaller than a fragment chunk, fp8 activations: as is
+        w4 = parse_scheme(name)
+        assert to_kernel_order(w4, packed4) is packed4 and from_kernel_order(w4, packed4) is packed4
+
+
+def _lane_positions(c: int, j: int, field: int, bits: int) -> int:
+    """K position (in a 128-chunk) that lane c's word j, field ``field``, holds in fragment order."""
+    if bits == 4:  # j = (k5, k6), field = k3 + 2 k4 + 4 k0
+        return (field >> 2) + 2 * c + 8 * (field & 1) + 16 * ((field >> 1) & 1) + 32 * j
+    if bits == 2:  # j = k6, field = k3 + 2 k4 + 4 k5 + 8 k0
+        return (field >> 3) + 2 * c + 8 * (field & 7) + 64 * j
+    return (field >> 4) + 2 * c + 8 * (field & 15)  # 1 bit: one word, bit = k3 + 2 k4 + 4 k5 + 8 k6 + 16 k0
+
+
+@pytest.mark.parametrize("name", ["w4g128", "w4", "w4g256_sym", "w2g128", "w2", "w3g128", "w3_sym"])
+def test_fragment_order_puts_each_lanes_k_positions_in_its_words(name):
+    gen = torch.Generator().manual_seed(5)
+    n, k = 3, 256
+    scheme = parse_scheme(name)
+    codes = torch.randint(0, 1 << scheme.bits, (n, k), generator=gen, dtype=torch.int32)
+    stored = to_kernel_order(scheme, pack(codes, scheme.bits))
+    assert from_kernel_order(scheme, stored).equal(pack(codes, scheme.bits))
+    planes = [(scheme.bits, stored, codes)]
+    if scheme.bits == 3:  # a 2-bit plane of the low bits, then a 1-bit plane of bit 2
+        planes = [(2, stored[:, : k // 16], codes & 3), (1, stored[:, k // 16 :], codes >> 2)]
+    pos = torch.arange(k).reshape(k // 128, 128)
+    for bits, words, want in planes:
+        per_lane = bits  # words per lane per 128-chunk
+        got = unpack(words, bits) if bits > 1 else ((words.unsqueeze(-1) >> torch.arange(32)) & 1).reshape(n, -1)
+        got = got.reshape(n, k // 128, 4, per_lane, 32 // bits)  # [row, chunk, lane, word, field]
+        for c in range(4):
+            for j in range(per_lane):
+                for f in range(32 // bits):
+                    kk = _lane_positions(c, j, f, bits)
+                    assert torch.equal(got[:, :, c, j, f], want[:, pos[:, kk]]), (bits, c, j, f)
 
 
 def test_store_block_round_trips_through_block():
     gen = torch.Generator().manual_seed(4)
-    weights = make_weights(["w3g64", "w4g128", "w3_sym", "w8a8fp8"], 16, 128, gen)
+    weights = make_weights(["w3g64", "w4g128", "w3_sym", "w8a8fp8", "w4", "w4g64"], 16, 128, gen)
     for e, scheme in enumerate(weights.schemes):
         qw = rtn_quantize(torch.randn(16, 128, generator=gen), scheme)
         weights.store_block(e, qw)
@@ -177,6 +211,9 @@ def test_align_routing(num_tokens, topk, num_experts, block_m, local, one_progra
     [
         (ALL_SCHEMES_G32, 256, GemmConfig(16, 32, 128, 4, 1, split_k=1)),  # BLOCK_K fitted to 32 by g32
         (ALL_SCHEMES, 256, GemmConfig(16, 32, 64, 4, 1, split_k=2)),
+        # 4-bit blocks in fragment order read by whole 128-chunks (one per tile, then two per tile)
+        (FRAGMENT_SCHEMES, 384, GemmConfig(16, 32, 128, 4, 1, split_k=2)),
+        (FRAGMENT_SCHEMES, 512, GemmConfig(16, 32, 256, 4, 1, split_k=1)),
     ],
 )
 def test_grouped_gemm_mixed(schemes, k, cfg, dequant, swap_ab):

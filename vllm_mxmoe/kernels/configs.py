@@ -43,12 +43,15 @@ class GemmConfig:
 # Decode tiles compute W x A^T (swap_ab): measured 1.09-1.26x faster per GEMM on an H200 at 16-64
 # tokens (benchmarks/tile_sweep.py --swap-ab, 2026-11-29 evening; KERNEL_NOTES.md), where ncu showed
 # the plain orientation bound by 8-way bank-conflicted shared-memory stores of the dequantized tile.
+# With 4-bit blocks in fragment order (layout.is_fragment_ordered; 2026-11-29 late sweeps,
+# KERNEL_NOTES.md version 5) BLOCK_M = 16 also won at 17 rows per expert (qwen1.5-moe, 256 tokens:
+# 1.7-2.1x over BLOCK_M = 32), and prefill wants BLOCK_K = 128 with 2 stages (1.6-2.5x at 8192 tokens).
 TILE_TABLE: list[tuple[float, GemmConfig]] = [
     (4, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
     (16, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
-    (48, GemmConfig(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3)),
-    (128, GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)),
-    (math.inf, GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+    (48, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
+    (128, GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=2)),
+    (math.inf, GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=2)),
 ]
 
 # Split K until about this many programs per SM are in flight (decode only):

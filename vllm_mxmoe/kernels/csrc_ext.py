@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .align import AlignedRouting
-from .layout import ExpertGemmWeights
+from .layout import ExpertGemmWeights, is_fragment_ordered
 
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("w4_gemv.cu", "binding.cpp")
@@ -78,6 +78,8 @@ def build_error() -> str | None:
 
 # Used by default (use_csrc=None) where KERNEL_NOTES.md measured it faster: H200, qwen3 shape,
 # 1 token 27.9 vs 39.4 us per layer; 16 tokens (Zipf: hot experts get many rows) 204 vs 125 us.
+# That was against Triton reading format-v1 order; group-128 blocks are now in fragment order,
+# which this kernel does not read, and Triton takes 26.7-29.5 us there (KERNEL_NOTES.md version 5).
 CSRC_DEFAULT = True
 DEFAULT_MAX_TOKENS = 1
 
@@ -91,13 +93,15 @@ def enabled() -> bool:
 
 
 def supports(weights: ExpertGemmWeights, a: torch.Tensor, block_m: int) -> bool:
-    """The kernel handles this GEMM: all experts int4 weight-only, K % 32 == 0, decode tiles, aligned A."""
+    """The kernel handles this GEMM: all experts int4 weight-only in format-v1 order (not fragment order:
+    layout.is_fragment_ordered), K % 32 == 0, decode tiles, aligned A."""
     if _ext is None or block_m > MAX_BLOCK_M or weights.k % 32 or a.dtype not in (torch.float16, torch.bfloat16):
         return False
     if a.stride(-1) != 1 or a.stride(0) % 8 or a.data_ptr() % 16:
         return False
     return all(
         s.bits == 4 and s.act != "fp8" and not s.weight_is_fp8 and s.group(weights.k) % 32 == 0
+        and not is_fragment_ordered(s, weights.k)
         for s in weights.schemes
     )
 

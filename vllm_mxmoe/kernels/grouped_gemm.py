@@ -14,7 +14,10 @@ scheme; all branches live in one kernel, so they share num_warps:
   decode tiles, configs.default_dequant): inline PTX LOP3 + two FMAs per f16x2/bf16x2
   pair, with a pure-Triton twin (mode 1) that the interpreter runs; 3-bit blocks are
   read in kernel order (layout.to_kernel_order: a 2-bit plane, then a bit-2 plane),
-  so they unpack as 2-bit words plus one LOP3 per pair;
+  so they unpack as 2-bit words plus one LOP3 per pair; 2/3/4-bit blocks with
+  128-aligned groups are further kept in fragment order (layout.is_fragment_ordered):
+  each lane's words hold exactly its K positions of the MMA operand, so their tile
+  is dequantized straight into the register operand (W x A^T, HAS_W*_FRAGMENT);
 * fp8 weights, fp8 activations (w8a8fp8): fp8 x fp8 tl.dot, per-channel
   weight scale and per-token activation scale applied once after the loop;
 * int4 weights, fp8 activations (w4a8fp8): ``q - 8`` is exact in e4m3, so
@@ -39,19 +42,26 @@ from ..format import FP8_DTYPE
 from ..schemes import Scheme
 from .align import AlignedRouting
 from .configs import GemmConfig, interpreting, resolve_dequant
-from .layout import BITS, FLAG_FP8_ACT, FLAG_FP8_WEIGHT, FLAG_ZERO, FLAGS, GROUP, S_OFF, W_OFF, Z_OFF, ExpertGemmWeights
+from .layout import (
+    BITS, FLAG_FP8_ACT, FLAG_FP8_WEIGHT, FLAG_FRAGMENT, FLAG_ZERO, FLAGS, GROUP, S_OFF, W_OFF, Z_OFF,
+    ExpertGemmWeights, is_fragment_ordered,
+)
 
 # Inner-loop kinds; the kinds present in a layer pick the compiled branches (HAS_* flags).
 KIND_W2, KIND_W3, KIND_W4, KIND_W8, KIND_W8A8FP8, KIND_W4A8FP8 = (1 << i for i in range(6))
+# 2/3/4-bit blocks in fragment order (layout.is_fragment_ordered): their own inner loop.
+KIND_W2_FRAGMENT, KIND_W3_FRAGMENT, KIND_W4_FRAGMENT = (1 << i for i in range(6, 9))
+_FRAGMENT_KINDS = {2: KIND_W2_FRAGMENT, 3: KIND_W3_FRAGMENT, 4: KIND_W4_FRAGMENT}
 _INT_KINDS = {2: KIND_W2, 3: KIND_W3, 4: KIND_W4, 8: KIND_W8}
 
 # Layout constants as constexpr globals, the form a jitted function may read.
 _M_BITS, _M_GROUP, _M_FLAGS = tl.constexpr(BITS), tl.constexpr(GROUP), tl.constexpr(FLAGS)
 _M_W_OFF, _M_S_OFF, _M_Z_OFF = tl.constexpr(W_OFF), tl.constexpr(S_OFF), tl.constexpr(Z_OFF)
 _F_ZERO, _F_FP8_WEIGHT, _F_FP8_ACT = tl.constexpr(FLAG_ZERO), tl.constexpr(FLAG_FP8_WEIGHT), tl.constexpr(FLAG_FP8_ACT)
+_F_FRAGMENT = tl.constexpr(FLAG_FRAGMENT)
 
 
-def scheme_kind(scheme: Scheme) -> int:
+def scheme_kind(scheme: Scheme, k: int) -> int:
     if scheme.act == "fp8":
         if scheme.weight_is_fp8:
             return KIND_W8A8FP8
@@ -60,13 +70,15 @@ def scheme_kind(scheme: Scheme) -> int:
         raise NotImplementedError(f"scheme {scheme.name}: fp8 activations need fp8 weights or symmetric int4")
     if scheme.bits not in _INT_KINDS:
         raise NotImplementedError(f"scheme {scheme.name}: {scheme.bits}-bit weights")
+    if is_fragment_ordered(scheme, k):
+        return _FRAGMENT_KINDS[scheme.bits]
     return _INT_KINDS[scheme.bits]
 
 
 def layer_kinds(weights: ExpertGemmWeights) -> int:
     mask = 0
     for scheme in weights.schemes:
-        mask |= scheme_kind(scheme)
+        mask |= scheme_kind(scheme, weights.k)
     return mask
 
 
@@ -259,6 +271,38 @@ def _asm_w4_pairs_in_word(fp16: bool) -> str:
 
 
 _ASM_W4P_F16, _ASM_W4P_BF16 = tl.constexpr(_asm_w4_pairs_in_word(True)), tl.constexpr(_asm_w4_pairs_in_word(False))
+def _asm_w23_pairs_in_word(bits: int, fp16: bool) -> str:
+    """PTX: one 2-bit word ($8, $9 the same word) -> 8 pairs (field i, field i + 8), $0..$7 (pack=2).
+    3 bits: plus the bit-2 word ($10, $11 the same), whose bits i and i + 16 are bit 2 of that pair."""
+    typ = "f16x2" if fp16 else "bf16x2"
+    one = "0x3C003C00" if fp16 else "0x3F803F80"
+    sc, nz = ("$10", "$11") if bits == 2 else ("$12", "$13")
+    lines = ["{", ".reg .b32 t, u, v, one, mz;", f"mov.b32 one, {one};", "mov.b32 mz, 0x80008000;"]
+    for i in range(8):
+        src = "$8"
+        if i:
+            lines.append(f"shr.u32 u, $8, {2 * i};")
+            src = "u"
+        lines.append(f"lop3.b32 t, {src}, 0x00030003, {hex(_magic(fp16))}, 0xea;")
+        if bits == 3:
+            if i > 2:
+                lines.append(f"shr.u32 v, $10, {i - 2};")
+            elif i < 2:  # bits crossing into the other half are masked off below
+                lines.append(f"shl.b32 v, $10, {2 - i};")
+            else:
+                lines.append("mov.b32 v, $10;")
+            lines.append("lop3.b32 t, v, 0x00040004, t, 0xea;")
+        lines.append(f"fma.rn.{typ} t, t, one, {nz};")
+        lines.append(f"fma.rn.{typ} ${i}, t, {sc}, mz;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_ASM_W2P_F16, _ASM_W2P_BF16 = tl.constexpr(_asm_w23_pairs_in_word(2, True)), tl.constexpr(_asm_w23_pairs_in_word(2, False))
+_ASM_W3P_F16, _ASM_W3P_BF16 = tl.constexpr(_asm_w23_pairs_in_word(3, True)), tl.constexpr(_asm_w23_pairs_in_word(3, False))
+_CONS_2P = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 4))
+_CONS_3P = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 6))
+
 _CONS_4P = tl.constexpr("=r,=r,=r,=r,r,r,r,r")
 _CONS_8, _CONS_16, _CONS_W3 = (tl.constexpr(",".join(["=r"] * f + ["r"] * (2 * n + 2)))
                                for f, n in ((8, 1), (16, 1), (16, 2)))
@@ -319,6 +363,158 @@ def _dequant_tile_w4_paired(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nze
     t = tl.join(tl.join(o[0], o[2]), tl.join(o[1], o[3]))  # [BN, W, h, j>>1, j&1]
     t = tl.permute(t, (0, 1, 3, 4, 2))  # [BN, W, j>>1, j&1, h]
     return tl.reshape(t, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _fragment_tile_to_k_order(t, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr):
+    """Dequantized fields [BN, words, k0, <field bits>] of a fragment-order tile -> [BN, BLOCK_K] in K order.
+
+    Only register relabelling (reshape + permute): words are [C, k2, k1, k6, k5] (4 bits) or
+    [C, k2, k1, k6] (2/3 bits; C and the k5/k6 a sub-chunk tile fixes are absent), the field
+    bits [k4, k3] (4 bits, and every 32-K tile) or [k5, k4, k3].
+    """
+    if BLOCK_K >= 128:
+        t = tl.reshape(t, (BLOCK_N, BLOCK_K // 128, 2, 2, 2, 2, 2, 2, 2))
+        if BITS == 4:  # [BN, C, k2, k1, k6, k5, k0, k4, k3]
+            t = tl.permute(t, (0, 1, 4, 5, 7, 8, 2, 3, 6))
+        else:  # [BN, C, k2, k1, k6, k0, k5, k4, k3]
+            t = tl.permute(t, (0, 1, 4, 6, 7, 8, 2, 3, 5))
+    elif BLOCK_K == 64:
+        t = tl.reshape(t, (BLOCK_N, 2, 2, 2, 2, 2, 2))
+        if BITS == 4:  # [BN, k2, k1, k5, k0, k4, k3]
+            t = tl.permute(t, (0, 3, 5, 6, 1, 2, 4))
+        else:  # [BN, k2, k1, k0, k5, k4, k3]
+            t = tl.permute(t, (0, 4, 5, 6, 1, 2, 3))
+    else:  # [BN, k2, k1, k0, k4, k3]
+        t = tl.permute(tl.reshape(t, (BLOCK_N, 2, 2, 2, 2, 2)), (0, 4, 5, 1, 2, 3))
+    return tl.reshape(t, (BLOCK_N, BLOCK_K))  # [BN, (C,) k6, k5, k4, k3, k2, k1, k0]
+
+
+@triton.jit
+def _dequant_tile_w4_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """4-bit tile [BLOCK_N, BLOCK_K] in K order, read from a block in fragment order (layout._fragment_slots).
+
+    Word 4c + j of a 128-chunk holds K positions k1, k2 = c, k5, k6 = j; nibble f holds
+    k3 + 2 k4 + 4 k0. One LOP3 per (word, j) gives the pair (k0 = 0, 1) the MMA reads
+    from one register, and the joins and permutes below only relabel registers: triton
+    loads the words straight into the wgmma/mma operand layout, with no shared-memory
+    round trip of the dequantized tile. Tiles of 32 or 64 K read their words of a chunk.
+    """
+    chunk_word = (k0 // 128) * 16
+    if BLOCK_K >= 128:
+        word = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # [C, k2, k1, k6, k5]
+    elif BLOCK_K == 64:
+        i = tl.arange(0, 8)  # [k2, k1, k5]; k6 fixed
+        word = chunk_word + (i & 1) + 2 * ((k0 // 64) & 1) + 4 * (i >> 1)
+    else:
+        tl.static_assert(BLOCK_K == 32)
+        i = tl.arange(0, 4)  # [k2, k1]; k5, k6 fixed
+        word = chunk_word + ((k0 // 32) & 1) + 2 * ((k0 // 64) & 1) + 4 * i
+    words = tl.load(w_ptr + offs_n[:, None] * words_per_row + word[None, :], mask=n_mask[:, None], other=0)
+    x = tl.join(words, words)  # an asm call (pack=2) gets one word twice
+    sc = scale[:, :, None]
+    nz = nzero[:, :, None]
+    if USE_ASM:
+        if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
+            o = tl.inline_asm_elementwise(_ASM_W4P_F16, _CONS_4P, [x, sc, nz],
+                                          dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                          is_pure=True, pack=2)
+        else:
+            o = tl.inline_asm_elementwise(_ASM_W4P_BF16, _CONS_4P, [x, sc, nz],
+                                          dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                          is_pure=True, pack=2)
+    else:
+        h16 = (tl.arange(0, 2) * 16)[None, None, :]
+        o = (_field(x >> h16, 0, 4, sc, nz, DTYPE), _field(x >> h16, 1, 4, sc, nz, DTYPE),
+             _field(x >> h16, 2, 4, sc, nz, DTYPE), _field(x >> h16, 3, 4, sc, nz, DTYPE))
+    t = tl.join(tl.join(o[0], o[2]), tl.join(o[1], o[3]))  # [BN, words, k0, k4, k3]
+    return _fragment_tile_to_k_order(t, BLOCK_N, BLOCK_K, 4)
+
+
+@triton.jit
+def _field23(x, xh, i: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr):
+    """Pure-Triton twin of _asm_w23_pairs_in_word: field i of 2-bit words x, bit 2 from bit i of xh (3 bits)."""
+    MAGIC_BITS: tl.constexpr = 0x6400 if DTYPE == tl.float16 else 0x4300
+    q = (x >> (2 * i)) & 3
+    if BITS == 3:
+        q = q | (((xh >> i) & 1) << 2)
+    q = q | MAGIC_BITS
+    return (q.to(tl.int16).to(DTYPE, bitcast=True) + nzero) * scale
+
+
+@triton.jit
+def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero, BITS: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """2/3-bit tile [BLOCK_N, BLOCK_K] in K order, read from a block in fragment order (layout._fragment_slots).
+
+    The 2-bit words (3 bits: the low-bit plane) hold lane c's K positions in word 2c + k6 of a
+    128-chunk, field k3 + 2 k4 + 4 k5 + 8 k0; the bit-2 plane's word c of the chunk holds bit 2
+    of field i of word 2c + k6 at bits i + 8 k6 (k0 = 0) and + 16 (k0 = 1). As in
+    _dequant_tile_w4_frag, the reshapes only relabel registers. Tiles of 32 or 64 K read their
+    words of a chunk (32: the half of each word's fields with that k5, in plain Triton).
+    """
+    row = w_ptr + offs_n[:, None] * words_per_row
+    if BLOCK_K >= 128:
+        lw = k0 // 16 + tl.arange(0, BLOCK_K // 16)  # [C, k2, k1, k6]
+        hw = k0 // 32 + tl.arange(0, BLOCK_K // 32)  # [C, k2, k1]
+    else:
+        lane = tl.arange(0, 4)  # [k2, k1]
+        lw = (k0 // 128) * 8 + (k0 // 64) % 2 + 2 * lane
+        hw = (k0 // 128) * 4 + lane
+    lo = tl.load(row + lw[None, :], mask=n_mask[:, None], other=0)
+    hi = lo
+    if BITS == 3:
+        hi = tl.load(row + words_per_row // 3 * 2 + hw[None, :], mask=n_mask[:, None], other=0)
+        if BLOCK_K >= 128:
+            hi = tl.reshape(tl.join(hi, hi >> 8), (BLOCK_N, BLOCK_K // 16))  # per low word: [C, k2, k1, k6]
+        elif BLOCK_K == 64:
+            hi = hi >> (8 * ((k0 // 64) % 2))
+        else:
+            hi = hi >> (8 * ((k0 // 64) % 2) + 4 * ((k0 // 32) % 2))
+    if BLOCK_K == 32:
+        lo = lo >> (8 * ((k0 // 32) % 2))  # fields 4 k5 .. 4 k5 + 3 (and + 8) become 0..3
+    x = tl.join(lo, lo)  # an asm call (pack=2) gets one word twice
+    xh = tl.join(hi, hi)
+    sc = scale[:, :, None]
+    nz = nzero[:, :, None]
+    if USE_ASM and BLOCK_K >= 64:
+        if BITS == 2:
+            if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
+                o = tl.inline_asm_elementwise(_ASM_W2P_F16, _CONS_2P, [x, sc, nz],
+                                              dtype=(tl.float16, tl.float16, tl.float16, tl.float16,
+                                                     tl.float16, tl.float16, tl.float16, tl.float16),
+                                              is_pure=True, pack=2)
+            else:
+                o = tl.inline_asm_elementwise(_ASM_W2P_BF16, _CONS_2P, [x, sc, nz],
+                                              dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                                                     tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                              is_pure=True, pack=2)
+        else:
+            if DTYPE == tl.float16:
+                o = tl.inline_asm_elementwise(_ASM_W3P_F16, _CONS_3P, [x, xh, sc, nz],
+                                              dtype=(tl.float16, tl.float16, tl.float16, tl.float16,
+                                                     tl.float16, tl.float16, tl.float16, tl.float16),
+                                              is_pure=True, pack=2)
+            else:
+                o = tl.inline_asm_elementwise(_ASM_W3P_BF16, _CONS_3P, [x, xh, sc, nz],
+                                              dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                                                     tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                              is_pure=True, pack=2)
+        t = _join8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])  # [BN, words, k0, k5, k4, k3]
+    else:
+        h16 = (tl.arange(0, 2) * 16)[None, None, :]
+        x = x >> h16
+        xh = xh >> h16
+        if BLOCK_K >= 64:
+            t = _join8(_field23(x, xh, 0, BITS, sc, nz, DTYPE), _field23(x, xh, 1, BITS, sc, nz, DTYPE),
+                       _field23(x, xh, 2, BITS, sc, nz, DTYPE), _field23(x, xh, 3, BITS, sc, nz, DTYPE),
+                       _field23(x, xh, 4, BITS, sc, nz, DTYPE), _field23(x, xh, 5, BITS, sc, nz, DTYPE),
+                       _field23(x, xh, 6, BITS, sc, nz, DTYPE), _field23(x, xh, 7, BITS, sc, nz, DTYPE))
+        else:
+            t = tl.join(tl.join(_field23(x, xh, 0, BITS, sc, nz, DTYPE), _field23(x, xh, 2, BITS, sc, nz, DTYPE)),
+                        tl.join(_field23(x, xh, 1, BITS, sc, nz, DTYPE), _field23(x, xh, 3, BITS, sc, nz, DTYPE)))
+    return _fragment_tile_to_k_order(t, BLOCK_N, BLOCK_K, BITS)
 
 
 @triton.jit
@@ -470,6 +666,7 @@ def _int_weight_loop_fields(
     offs_n, n_mask, kt_begin, kt_end,
     BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS_ALIGNED: tl.constexpr,
     USE_ASM: tl.constexpr, PAIRED: tl.constexpr, BLOCK_M: tl.constexpr, SWAP_AB: tl.constexpr = False,
+    FRAG: tl.constexpr = False,
 ):
     """2/3/4-bit weight-only codes, field-wise dequantization (see _dequant_tile).
 
@@ -490,7 +687,14 @@ def _int_weight_loop_fields(
         zero = tl.load(z_ptr + n2 * num_groups + g, mask=n2 < zero_cols, other=mid).to(tl.float32)
         MAGIC: tl.constexpr = 1024.0 if a.dtype == tl.float16 else 128.0
         nzero = (-(zero + MAGIC)).to(a.dtype)
-        if PAIRED:
+        if FRAG:
+            if BITS == 4:
+                w = _dequant_tile_w4_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                                          BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
+            else:
+                w = _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                                           BITS, BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
+        elif PAIRED:
             a = _permute_k8(a, BLOCK_M, BLOCK_K)
             w = _dequant_tile_w4_paired(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
                                         BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
@@ -554,7 +758,9 @@ def _grouped_gemm_kernel(
     sorted_ids_ptr, block_expert_ptr, num_blocks_ptr,
     N, K, num_slots, a_row_div, stride_am, stride_a8m, split_stride,
     HAS_W2: tl.constexpr, HAS_W3: tl.constexpr, HAS_W4: tl.constexpr, HAS_W8: tl.constexpr,
-    HAS_W8A8FP8: tl.constexpr, HAS_W4A8FP8: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, WORDS_ALIGNED: tl.constexpr,
+    HAS_W8A8FP8: tl.constexpr, HAS_W4A8FP8: tl.constexpr,
+    HAS_W2_FRAGMENT: tl.constexpr, HAS_W3_FRAGMENT: tl.constexpr, HAS_W4_FRAGMENT: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr, WORDS_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DEQUANT: tl.constexpr = 0, USE_ASM: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
@@ -597,7 +803,7 @@ def _grouped_gemm_kernel(
     w_ptr = qweight_ptr + w_off
     # Weight-only int schemes, one specialised loop per bit width.
     if HAS_W4:
-        if (bits == 4) & int_act:
+        if (bits == 4) & int_act & ((flags & _F_FRAGMENT) == 0):
             if DEQUANT == 0:
                 acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
                                        offs_n, n_mask, kt_begin, kt_end, 4, BLOCK_K, BLOCK_N, WORDS_ALIGNED)
@@ -606,8 +812,29 @@ def _grouped_gemm_kernel(
                                               num_groups, K, offs_n, n_mask, kt_begin, kt_end, 4, BLOCK_K,
                                               BLOCK_N, WORDS_ALIGNED, USE_ASM,
                                               DEQUANT == 3, BLOCK_M, SWAP_AB)
+    # Fragment order (layout.is_fragment_ordered): field-wise in every mode (mode 0: without asm). Tiles of
+    # < 128 K compute W x A^T whatever the config says: triton 3.6 cannot lay out their permuted tile as a
+    # shared-memory MMA operand.
+    if HAS_W4_FRAGMENT:
+        if (bits == 4) & int_act & ((flags & _F_FRAGMENT) != 0):
+            acc = _int_weight_loop_fields(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group,
+                                          num_groups, K, offs_n, n_mask, kt_begin, kt_end, 4, BLOCK_K,
+                                          BLOCK_N, WORDS_ALIGNED, USE_ASM, False, BLOCK_M,
+                                          SWAP_AB or BLOCK_K < 128, True)
+    if HAS_W2_FRAGMENT:
+        if (bits == 2) & ((flags & _F_FRAGMENT) != 0):
+            acc = _int_weight_loop_fields(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group,
+                                          num_groups, K, offs_n, n_mask, kt_begin, kt_end, 2, BLOCK_K,
+                                          BLOCK_N, WORDS_ALIGNED, USE_ASM, False, BLOCK_M,
+                                          SWAP_AB or BLOCK_K < 128, True)
+    if HAS_W3_FRAGMENT:
+        if (bits == 3) & ((flags & _F_FRAGMENT) != 0):
+            acc = _int_weight_loop_fields(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group,
+                                          num_groups, K, offs_n, n_mask, kt_begin, kt_end, 3, BLOCK_K,
+                                          BLOCK_N, WORDS_ALIGNED, USE_ASM, False, BLOCK_M,
+                                          SWAP_AB or BLOCK_K < 128, True)
     if HAS_W2:
-        if bits == 2:
+        if (bits == 2) & ((flags & _F_FRAGMENT) == 0):
             if DEQUANT == 0:
                 acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
                                        offs_n, n_mask, kt_begin, kt_end, 2, BLOCK_K, BLOCK_N, WORDS_ALIGNED)
@@ -617,7 +844,7 @@ def _grouped_gemm_kernel(
                                               BLOCK_N, WORDS_ALIGNED, USE_ASM and BLOCK_M <= 32,
                                               False, BLOCK_M, SWAP_AB)
     if HAS_W3:
-        if bits == 3:
+        if (bits == 3) & ((flags & _F_FRAGMENT) == 0):
             if DEQUANT == 0:
                 acc = _int_weight_loop(acc, a_ptrs, row_mask, w_ptr, s_ptr, z_ptr, zero_cols, group, num_groups, K,
                                        offs_n, n_mask, kt_begin, kt_end, 3, BLOCK_K, BLOCK_N, WORDS_ALIGNED)
@@ -713,7 +940,8 @@ def _launch(grid, a, a8, a_scale, weights, out, routed_weights, routing, n, k, a
         n, k, routing.num_slots, a_row_div, a.stride(0), a8.stride(0), routing.num_slots * n,
         HAS_W2=bool(kinds & KIND_W2), HAS_W3=bool(kinds & KIND_W3), HAS_W4=bool(kinds & KIND_W4),
         HAS_W8=bool(kinds & KIND_W8), HAS_W8A8FP8=bool(kinds & KIND_W8A8FP8), HAS_W4A8FP8=bool(kinds & KIND_W4A8FP8),
-        MUL_ROUTED_WEIGHT=routed_weights is not None,
+        HAS_W2_FRAGMENT=bool(kinds & KIND_W2_FRAGMENT), HAS_W3_FRAGMENT=bool(kinds & KIND_W3_FRAGMENT),
+        HAS_W4_FRAGMENT=bool(kinds & KIND_W4_FRAGMENT), MUL_ROUTED_WEIGHT=routed_weights is not None,
         # K % 128 == 0 makes every row and every expert block a multiple of 4 words (16-byte loads).
         WORDS_ALIGNED=k % 128 == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,

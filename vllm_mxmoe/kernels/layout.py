@@ -12,8 +12,9 @@ expert by looking up its row of ``meta``:
 
 ``meta`` is int64 [E, 6]: bits, group size, flags, and the three offsets.
 The packing inside a block is format v1's (vllm_mxmoe.format), except 3-bit
-blocks, which are kept in kernel order (``to_kernel_order``): the loaders
-convert on the way in and ``block`` converts back.
+blocks and 2/3/4-bit weight-only blocks with 128-aligned groups, which are kept
+in kernel order (``to_kernel_order``): the loaders convert on the way in and
+``block`` converts back.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ BITS, GROUP, FLAGS, W_OFF, S_OFF, Z_OFF = range(6)
 FLAG_ZERO = 1  # asymmetric: a zero point per group
 FLAG_FP8_WEIGHT = 2  # weights are fp8 e4m3, one scale per output channel
 FLAG_FP8_ACT = 4  # activations are quantized to fp8 per token before the GEMM
+FLAG_FRAGMENT = 8  # 4-bit codes in fragment order (is_fragment_ordered)
 
 
-def scheme_flags(scheme: Scheme) -> int:
+def scheme_flags(scheme: Scheme, k: int) -> int:
     return (
         (FLAG_ZERO if scheme.has_zero_point else 0)
         | (FLAG_FP8_WEIGHT if scheme.weight_is_fp8 else 0)
         | (FLAG_FP8_ACT if scheme.act == "fp8" else 0)
+        | (FLAG_FRAGMENT if is_fragment_ordered(scheme, k) else 0)
     )
 
 
@@ -46,6 +49,64 @@ def block_sizes(scheme: Scheme, n: int, k: int) -> tuple[int, int, int]:
     return words, scales, scales if scheme.has_zero_point else 0
 
 
+FRAGMENT_CHUNK = 128  # K elements per chunk of a block in fragment order
+
+
+def is_fragment_ordered(scheme: Scheme, k: int) -> bool:
+    """2/3/4-bit weight-only blocks whose K and groups are whole 128-element chunks are kept in fragment order."""
+    return (
+        scheme.bits in (2, 3, 4)
+        and scheme.act == "none"
+        and k % FRAGMENT_CHUNK == 0
+        and scheme.group(k) % FRAGMENT_CHUNK == 0
+    )
+
+
+def _fragment_slots(bits: int) -> torch.Tensor:
+    """slot[k] = fields_per_word * word + field where weight k of a 128-chunk is kept in fragment order.
+
+    The MMA's register fragment gives each thread, per row, the K positions whose bits
+    1-2 are its lane c's and whose bits 0, 3-6 vary (kernels/grouped_gemm.py,
+    _dequant_tile_*_frag). Each of lane c's words holds only such positions, and the
+    field pair that one LOP3 turns into an f16x2/bf16x2 register ((f, f + 4) of a 4-bit
+    word, (f, f + 8) of a 2-bit word: bits b and 16 + b) is the MMA's pair k0 = 0, 1:
+    4 bits: word 4c + j, j = (k5, k6), nibble k3 + 2 k4 + 4 k0 (a lane's 16 bytes are
+        contiguous);
+    2 bits: word 2c + k6, field k3 + 2 k4 + 4 k5 + 8 k0 (8 contiguous bytes);
+    1 bit (the bit-2 plane of 3-bit blocks): word c, bit k3 + 2 k4 + 4 k5 + 8 k6 + 16 k0,
+        so that bit 2 of the pair (field i of 2-bit word 2c + k6) is bits i + 8 k6 and
+        i + 8 k6 + 16 of one word.
+    The dequantized tile then needs no shared-memory round trip.
+    """
+    k = torch.arange(FRAGMENT_CHUNK)
+    b = [(k >> i) & 1 for i in range(7)]
+    c = b[1] + 2 * b[2]
+    if bits == 4:
+        return 8 * (b[5] + 2 * b[6] + 4 * c) + b[3] + 2 * b[4] + 4 * b[0]
+    if bits == 2:
+        return 16 * (b[6] + 2 * c) + b[3] + 2 * b[4] + 4 * b[5] + 8 * b[0]
+    assert bits == 1
+    return 32 * c + b[3] + 2 * b[4] + 4 * b[5] + 8 * b[6] + 16 * b[0]
+
+
+_FRAGMENT_SLOTS = {bits: _fragment_slots(bits) for bits in (1, 2, 4)}
+
+
+def _permute_fields(packed: torch.Tensor, bits: int, inverse: bool) -> torch.Tensor:
+    """Rows [n, words] of ``bits``-bit fields with each 128-chunk's fields moved to (or, ``inverse``, back
+    from) their fragment slots (int32 wraparound kept)."""
+    n, words = packed.shape
+    per_word = 32 // bits
+    slots = _FRAGMENT_SLOTS[bits].to(packed.device)
+    if not inverse:
+        slots = torch.argsort(slots)  # stored field s holds weight argsort(slots)[s]
+    shifts = torch.arange(per_word, dtype=torch.int32, device=packed.device) * bits
+    fields = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(n, -1, FRAGMENT_CHUNK)
+    fields = fields[:, :, slots].reshape(n, words, per_word).to(torch.int64)
+    value = (fields << shifts.to(torch.int64)).sum(-1)
+    return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32)
+
+
 def to_kernel_order(scheme: Scheme, packed: torch.Tensor) -> torch.Tensor:
     """Format-v1 packed rows [n, words] -> the order the kernels read.
 
@@ -53,25 +114,41 @@ def to_kernel_order(scheme: Scheme, packed: torch.Tensor) -> torch.Tensor:
     0-15, of 16-31, then bit 2 of all 32). Kernel order puts each row's low-bit
     words first (the row's 2-bit packing) and its bit-2 words after them (its 1-bit
     packing), so a K tile's words are two contiguous runs that load as 16-byte
-    vectors, instead of three strided 4-byte loads per chunk. Rows stay rows, so
-    row slices (tensor-parallel shards) convert independently. Other schemes: as is.
+    vectors, instead of three strided 4-byte loads per chunk.
+    Blocks in fragment order (is_fragment_ordered) then have each 128-weight
+    chunk's fields permuted into their fragment slots (_fragment_slots; 3 bits:
+    each plane on its own). Rows stay rows and chunks stay chunks, so row or
+    128-column slices (tensor-parallel shards) convert independently.
+    Other schemes: as is.
     """
-    if scheme.bits != 3:
-        return packed
     n, words = packed.shape
-    triples = packed.reshape(n, words // 3, 3)
-    return torch.cat([triples[:, :, :2].reshape(n, -1), triples[:, :, 2]], dim=1)
+    k = words * 32 // scheme.bits
+    frag = is_fragment_ordered(scheme, k)
+    if scheme.bits == 3:
+        triples = packed.reshape(n, words // 3, 3)
+        low, high = triples[:, :, :2].reshape(n, -1), triples[:, :, 2]
+        if frag:
+            low, high = _permute_fields(low, 2, False), _permute_fields(high, 1, False)
+        return torch.cat([low, high], dim=1)
+    if frag:
+        return _permute_fields(packed, scheme.bits, False)
+    return packed
 
 
 def from_kernel_order(scheme: Scheme, packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of to_kernel_order (a copy for 3-bit blocks)."""
-    if scheme.bits != 3:
-        return packed
+    """Inverse of to_kernel_order (a copy for reordered blocks)."""
     n, words = packed.shape
-    chunks = words // 3
-    low = packed[:, : 2 * chunks].reshape(n, chunks, 2)
-    high = packed[:, 2 * chunks :].reshape(n, chunks, 1)
-    return torch.cat([low, high], dim=2).reshape(n, words)
+    k = words * 32 // scheme.bits
+    frag = is_fragment_ordered(scheme, k)
+    if scheme.bits == 3:
+        chunks = words // 3
+        low, high = packed[:, : 2 * chunks], packed[:, 2 * chunks :]
+        if frag:
+            low, high = _permute_fields(low, 2, True), _permute_fields(high, 1, True)
+        return torch.cat([low.reshape(n, chunks, 2), high.reshape(n, chunks, 1)], dim=2).reshape(n, words)
+    if frag:
+        return _permute_fields(packed, scheme.bits, True)
+    return packed
 
 
 @dataclass
@@ -96,7 +173,7 @@ class ExpertGemmWeights:
         for scheme in schemes:
             scheme.check_shape(n, k)
             words, scales, zeros = block_sizes(scheme, n, k)
-            rows.append([scheme.bits, scheme.group(k), scheme_flags(scheme), w_total, s_total, z_total])
+            rows.append([scheme.bits, scheme.group(k), scheme_flags(scheme, k), w_total, s_total, z_total])
             w_total, s_total, z_total = w_total + words, s_total + scales, z_total + zeros
         return cls(
             n=n,
