@@ -46,7 +46,7 @@ from vllm_mxmoe.kernels.configs import default_dequant, select_gemm_config  # no
 from vllm_mxmoe.kernels.act_quant import quantize_fp8_per_token, silu_and_mul  # noqa: E402
 from vllm_mxmoe.kernels.fused_moe import mxmoe_fused_experts, select_configs  # noqa: E402
 from vllm_mxmoe.kernels.grouped_gemm import grouped_gemm, needs_fp8_activations  # noqa: E402
-from vllm_mxmoe.kernels.layout import ExpertGemmWeights, block_sizes  # noqa: E402
+from vllm_mxmoe.kernels.layout import ExpertGemmWeights, block_sizes, is_fragment_ordered  # noqa: E402
 from vllm_mxmoe.kernels.reference import reference_fused_experts  # noqa: E402
 from vllm_mxmoe.schemes import KNOWN_SCHEMES, parse_scheme  # noqa: E402
 
@@ -80,8 +80,8 @@ def assignment(name: str, experts: int, seed: int) -> tuple[list[str], list[str]
         g = torch.Generator().manual_seed(seed)
         pick = lambda: ["w2", "w2", "w2", "w3g128"][int(torch.randint(4, (1,), generator=g))]  # noqa: E731
         return [pick() for _ in range(experts)], [pick() for _ in range(experts)]
-    if name == "int4mix":  # every 4-bit weight-only scheme (what the csrc/ kernel takes)
-        pool = ["w4g128", "w4g128_sym", "w4"]
+    if name == "int4mix":  # 4-bit weight-only schemes the csrc/ kernel takes: groups < 128 (format-v1 order;
+        pool = ["w4g64", "w4g64_sym", "w4g32"]  # group-128 and per-channel blocks are in fragment order)
         return [pool[e % 3] for e in range(experts)], [pool[(e + 1) % 3] for e in range(experts)]
     if name == "all":
         n = len(KNOWN_SCHEMES)
@@ -199,6 +199,11 @@ def _all_int4(w) -> bool:
     return all(s.bits == 4 and s.act != "fp8" and not s.weight_is_fp8 for s in w.schemes)
 
 
+def _csrc_reads(w) -> bool:
+    """The csrc/ kernel's layout: 4-bit weight-only blocks in format-v1 order (none in fragment order)."""
+    return _all_int4(w) and not any(is_fragment_ordered(s, w.k) for s in w.schemes)
+
+
 def variants(tokens: int, topk: int, w13, w2) -> dict[str, tuple]:
     c1, c2 = select_configs(tokens, topk, w13, w2, torch.device(DEVICE))
     out = {"table": (c1, c2, {})}
@@ -210,7 +215,7 @@ def variants(tokens: int, topk: int, w13, w2) -> dict[str, tuple]:
     if c1.block_m <= 16:  # decode
         if c1.split_k > 1 or c2.split_k > 1:
             out["asm_nosplit"] = (replace(c1, split_k=1, dequant=2), replace(c2, split_k=1, dequant=2), {})
-        if _all_int4(w13) and _all_int4(w2) and DEVICE == "cuda":
+        if _csrc_reads(w13) and _csrc_reads(w2) and DEVICE == "cuda":
             out["csrc"] = (c1, c2, {"use_csrc": True})
     if ALIGN_AB and tokens * topk <= align_mod.ONE_PROGRAM_MAX_SLOTS:
         out["align3"] = (c1, c2, {"align3": True})

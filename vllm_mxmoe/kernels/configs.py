@@ -45,7 +45,8 @@ class GemmConfig:
 # the plain orientation bound by 8-way bank-conflicted shared-memory stores of the dequantized tile.
 # With 4-bit blocks in fragment order (layout.is_fragment_ordered; 2026-11-29 late sweeps,
 # KERNEL_NOTES.md version 5) BLOCK_M = 16 also won at 17 rows per expert (qwen1.5-moe, 256 tokens:
-# 1.7-2.1x over BLOCK_M = 32), and prefill wants BLOCK_K = 128 with 2 stages (1.6-2.5x at 8192 tokens).
+# 1.7-2.1x over BLOCK_M = 32), and prefill wants BLOCK_K = 128 with 2 stages (1.6-2.5x at 8192 tokens);
+# the <= 128-row bucket took the same BLOCK_K and stages without a sweep of its own.
 TILE_TABLE: list[tuple[float, GemmConfig]] = [
     (4, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
     (16, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
