@@ -155,8 +155,8 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
         else:
             loaded = loaded.narrow(0, tp_rank * inter, inter)
             dest = dest.narrow(0, 0 if shard_id == "w1" else inter, inter)
-        if suffix == WEIGHT_PACKED:  # sharded in format v1 (whole chunks), then reordered
-            loaded = to_kernel_order(scheme, loaded)
+        if suffix == WEIGHT_PACKED:  # sharded in format v1 (whole chunks), then reordered where it lives
+            loaded = to_kernel_order(scheme, loaded.to(dest.device))
         dest.copy_(loaded)
         layer.mxmoe_loaded.add(key)
 

@@ -30,7 +30,7 @@ BITS, GROUP, FLAGS, W_OFF, S_OFF, Z_OFF = range(6)
 FLAG_ZERO = 1  # asymmetric: a zero point per group
 FLAG_FP8_WEIGHT = 2  # weights are fp8 e4m3, one scale per output channel
 FLAG_FP8_ACT = 4  # activations are quantized to fp8 per token before the GEMM
-FLAG_FRAGMENT = 8  # 4-bit codes in fragment order (is_fragment_ordered)
+FLAG_FRAGMENT = 8  # 2/3/4-bit codes in fragment order (is_fragment_ordered)
 
 
 def scheme_flags(scheme: Scheme, k: int) -> int:
@@ -94,7 +94,7 @@ _FRAGMENT_SLOTS = {bits: _fragment_slots(bits) for bits in (1, 2, 4)}
 
 def _permute_fields(packed: torch.Tensor, bits: int, inverse: bool) -> torch.Tensor:
     """Rows [n, words] of ``bits``-bit fields with each 128-chunk's fields moved to (or, ``inverse``, back
-    from) their fragment slots (int32 wraparound kept)."""
+    from) their fragment slots."""
     n, words = packed.shape
     per_word = 32 // bits
     slots = _FRAGMENT_SLOTS[bits].to(packed.device)
@@ -102,9 +102,11 @@ def _permute_fields(packed: torch.Tensor, bits: int, inverse: bool) -> torch.Ten
         slots = torch.argsort(slots)  # stored field s holds weight argsort(slots)[s]
     shifts = torch.arange(per_word, dtype=torch.int32, device=packed.device) * bits
     fields = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(n, -1, FRAGMENT_CHUNK)
-    fields = fields[:, :, slots].reshape(n, words, per_word).to(torch.int64)
-    value = (fields << shifts.to(torch.int64)).sum(-1)
-    return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32)
+    fields = fields[:, :, slots].reshape(n, words, per_word)
+    out = torch.zeros_like(packed)
+    for i in range(per_word):  # int32 shifts wrap into the sign bit, as the packing wants
+        out |= fields[:, :, i] << (i * bits)
+    return out
 
 
 def to_kernel_order(scheme: Scheme, packed: torch.Tensor) -> torch.Tensor:
