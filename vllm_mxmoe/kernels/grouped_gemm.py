@@ -219,6 +219,16 @@ def _asm_pairs(bits: int, fp16: bool) -> str:
     return "\n".join(lines)
 
 
+def _shift_to_bit2(src: str, j: int) -> str:
+    """PTX: v = src moved so that its bits j and j + 16 sit at bits 2 and 18 (bit 2 of pair j; the
+    bits a left shift carries across the halves are masked off by the LOP3 that follows)."""
+    if j > 2:
+        return f"shr.u32 v, {src}, {j - 2};"
+    if j < 2:
+        return f"shl.b32 v, {src}, {2 - j};"
+    return f"mov.b32 v, {src};"
+
+
 def _asm_pairs_w3(fp16: bool) -> str:
     """3-bit, kernel order: 2 low-bit words ($16, $17) and the bit-2 bits of each ($18, $19: bit j = weight j
     of that word's 16) -> 16 pair outputs, field j of both words, as the 2-bit path plus one LOP3 for bit 2."""
@@ -236,12 +246,7 @@ def _asm_pairs_w3(fp16: bool) -> str:
         if sh:
             lines.append(f"shr.u32 u, {src}, {sh};")
             src = "u"
-        if j > 2:
-            lines.append(f"shr.u32 v, h, {j - 2};")
-        elif j < 2:  # the low half's top bits cross into the high half; the mask below drops them
-            lines.append(f"shl.b32 v, h, {2 - j};")
-        else:
-            lines.append("mov.b32 v, h;")
+        lines.append(_shift_to_bit2("h", j))
         lines.append(f"lop3.b32 t, {src}, 0x00030003, {hex(_magic(fp16))}, 0xea;")
         lines.append("lop3.b32 t, v, 0x00040004, t, 0xea;")
         lines.append(f"fma.rn.{typ} t, t, one, $21;")
@@ -253,44 +258,29 @@ def _asm_pairs_w3(fp16: bool) -> str:
 _ASM_W4_F16, _ASM_W4_BF16 = tl.constexpr(_asm_pairs(4, True)), tl.constexpr(_asm_pairs(4, False))
 _ASM_W2_F16, _ASM_W2_BF16 = tl.constexpr(_asm_pairs(2, True)), tl.constexpr(_asm_pairs(2, False))
 _ASM_W3_F16, _ASM_W3_BF16 = tl.constexpr(_asm_pairs_w3(True)), tl.constexpr(_asm_pairs_w3(False))
-def _asm_w4_pairs_in_word(fp16: bool) -> str:
-    """PTX: one word ($4, $5 is the same word) -> 4 pairs (field j, field j+4), $0..$3 (pack=2)."""
-    typ = "f16x2" if fp16 else "bf16x2"
-    one = "0x3C003C00" if fp16 else "0x3F803F80"
-    lines = ["{", ".reg .b32 t, u, one, mz;", f"mov.b32 one, {one};", "mov.b32 mz, 0x80008000;"]
-    for j in range(4):
-        src = "$4"
-        if j:
-            lines.append(f"shr.u32 u, $4, {4 * j};")
-            src = "u"
-        lines.append(f"lop3.b32 t, {src}, 0x000f000f, {hex(_magic(fp16))}, 0xea;")
-        lines.append(f"fma.rn.{typ} t, t, one, $7;")
-        lines.append(f"fma.rn.{typ} ${j}, t, $6, mz;")
-    lines.append("}")
-    return "\n".join(lines)
 
 
-_ASM_W4P_F16, _ASM_W4P_BF16 = tl.constexpr(_asm_w4_pairs_in_word(True)), tl.constexpr(_asm_w4_pairs_in_word(False))
-def _asm_w23_pairs_in_word(bits: int, fp16: bool) -> str:
-    """PTX: one 2-bit word ($8, $9 the same word) -> 8 pairs (field i, field i + 8), $0..$7 (pack=2).
-    3 bits: plus the bit-2 word ($10, $11 the same), whose bits i and i + 16 are bit 2 of that pair."""
+def _asm_pairs_in_word(bits: int, fp16: bool) -> str:
+    """PTX for one word ($F, $F+1 the same word; F = 16 / field width outputs, pack=2) -> F pairs
+    (field i, field i + F) in $0..$F-1: one SHR + LOP3 + 2 FMA each. 3 bits: the word is the
+    2-bit plane's, and the bit-2 word ($F+2, $F+3 the same) has bits i and i + 16 for pair i."""
+    step = 2 if bits == 3 else bits  # field width in the word
+    f = 16 // step
     typ = "f16x2" if fp16 else "bf16x2"
     one = "0x3C003C00" if fp16 else "0x3F803F80"
-    sc, nz = ("$10", "$11") if bits == 2 else ("$12", "$13")
-    lines = ["{", ".reg .b32 t, u, v, one, mz;", f"mov.b32 one, {one};", "mov.b32 mz, 0x80008000;"]
-    for i in range(8):
-        src = "$8"
+    mask = "0x000f000f" if bits == 4 else "0x00030003"
+    word = f"${f}"
+    sc, nz = (f"${f + 2}", f"${f + 3}") if bits != 3 else (f"${f + 4}", f"${f + 5}")
+    regs = "t, u, v, one, mz" if bits != 4 else "t, u, one, mz"
+    lines = ["{", f".reg .b32 {regs};", f"mov.b32 one, {one};", "mov.b32 mz, 0x80008000;"]
+    for i in range(f):
+        src = word
         if i:
-            lines.append(f"shr.u32 u, $8, {2 * i};")
+            lines.append(f"shr.u32 u, {word}, {step * i};")
             src = "u"
-        lines.append(f"lop3.b32 t, {src}, 0x00030003, {hex(_magic(fp16))}, 0xea;")
+        lines.append(f"lop3.b32 t, {src}, {mask}, {hex(_magic(fp16))}, 0xea;")
         if bits == 3:
-            if i > 2:
-                lines.append(f"shr.u32 v, $10, {i - 2};")
-            elif i < 2:  # bits crossing into the other half are masked off below
-                lines.append(f"shl.b32 v, $10, {2 - i};")
-            else:
-                lines.append("mov.b32 v, $10;")
+            lines.append(_shift_to_bit2(f"${f + 2}", i))
             lines.append("lop3.b32 t, v, 0x00040004, t, 0xea;")
         lines.append(f"fma.rn.{typ} t, t, one, {nz};")
         lines.append(f"fma.rn.{typ} ${i}, t, {sc}, mz;")
@@ -298,12 +288,16 @@ def _asm_w23_pairs_in_word(bits: int, fp16: bool) -> str:
     return "\n".join(lines)
 
 
-_ASM_W2P_F16, _ASM_W2P_BF16 = tl.constexpr(_asm_w23_pairs_in_word(2, True)), tl.constexpr(_asm_w23_pairs_in_word(2, False))
-_ASM_W3P_F16, _ASM_W3P_BF16 = tl.constexpr(_asm_w23_pairs_in_word(3, True)), tl.constexpr(_asm_w23_pairs_in_word(3, False))
-_CONS_2P = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 4))
-_CONS_3P = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 6))
+def _asm_in_word_constraints(bits: int) -> str:
+    """F outputs, then the word twice (and the bit-2 word twice), scale, -(zero + magic)."""
+    f = 16 // (2 if bits == 3 else bits)
+    return ",".join(["=r"] * f + ["r"] * (6 if bits == 3 else 4))
 
-_CONS_4P = tl.constexpr("=r,=r,=r,=r,r,r,r,r")
+
+_ASM_W4P_F16, _ASM_W4P_BF16 = tl.constexpr(_asm_pairs_in_word(4, True)), tl.constexpr(_asm_pairs_in_word(4, False))
+_ASM_W2P_F16, _ASM_W2P_BF16 = tl.constexpr(_asm_pairs_in_word(2, True)), tl.constexpr(_asm_pairs_in_word(2, False))
+_ASM_W3P_F16, _ASM_W3P_BF16 = tl.constexpr(_asm_pairs_in_word(3, True)), tl.constexpr(_asm_pairs_in_word(3, False))
+_CONS_4P, _CONS_2P, _CONS_3P = (tl.constexpr(_asm_in_word_constraints(b)) for b in (4, 2, 3))
 _CONS_8, _CONS_16, _CONS_W3 = (tl.constexpr(",".join(["=r"] * f + ["r"] * (2 * n + 2)))
                                for f, n in ((8, 1), (16, 1), (16, 2)))
 
@@ -434,7 +428,7 @@ def _dequant_tile_w4_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero
 
 @triton.jit
 def _field23(x, xh, i: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr):
-    """Pure-Triton twin of _asm_w23_pairs_in_word: field i of 2-bit words x, bit 2 from bit i of xh (3 bits)."""
+    """Pure-Triton twin of _asm_pairs_in_word (2/3 bits): field i of 2-bit words x, bit 2 from bit i of xh (3 bits)."""
     MAGIC_BITS: tl.constexpr = 0x6400 if DTYPE == tl.float16 else 0x4300
     q = (x >> (2 * i)) & 3
     if BITS == 3:
