@@ -89,8 +89,8 @@ from .profile import (
 from .report import LayerResult, build_report, plot_report, write_report
 from .rotation import rotate_model_
 from .scheme_map import resolve_scheme_map
-from .sequential import quantize_in_model_order
 from .sensitivity import METHODS, QuantizedUnit, layer_sensitivity, quantize_unit
+from .sequential import quantize_in_model_order
 
 # Bump when what the caches hold changes meaning, so old caches are not reused.
 CACHE_VERSION = 2
