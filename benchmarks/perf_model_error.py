@@ -61,6 +61,7 @@ def write_outputs(rows: list[dict], out: Path) -> None:
                      f"{r['table_us']:.1f} ({r['table_us'] / r['measured_us']:.2f}x) | "
                      f"{r['roofline_us']:.1f} ({r['roofline_us'] / r['measured_us']:.2f}x) |")  # fmt: skip
     lines += ["", f"table model: {summary(rows, 'table_us')}; roofline: {summary(rows, 'roofline_us')}"]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "perf_model_error.md").write_text("\n".join(lines) + "\n")
     (out / "perf_model_error.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))

@@ -45,16 +45,21 @@ BLOCK_K = (128, 256)
 STAGES = (2, 3, 4)
 SPLIT_K = (1, 2, 4)
 REP_MS = 20  # per config; the shipped one is timed the same way
+MAX_TILE = 128 * 128  # BLOCK_M x BLOCK_N; --max-tile raises it (e.g. 128 x 256 fp8 prefill tiles)
 
 
-def candidates(shipped: GemmConfig, n: int, k: int, groups: Sequence[int], swap_ab: bool = False) -> list[GemmConfig]:
+def candidates(
+    shipped: GemmConfig, n: int, k: int, groups: Sequence[int], swap_ab: bool = False, *,
+    block_n: Sequence[int] = BLOCK_N, block_k: Sequence[int] = BLOCK_K, stages: Sequence[int] = STAGES,
+    max_tile: int = MAX_TILE,
+) -> list[GemmConfig]:
     """The shipped config first, then the grid around it (same BLOCK_M; BLOCK_M one step down in decode);
     ``swap_ab`` adds each config with the tile computed as W x A^T."""
     block_ms = [shipped.block_m] + ([shipped.block_m // 2] if shipped.block_m >= 32 else [])
     out = [shipped]
-    for bm, bn, bk, st in itertools.product(block_ms, BLOCK_N, BLOCK_K, STAGES):
+    for bm, bn, bk, st in itertools.product(block_ms, block_n, block_k, stages):
         bk = fit_block_k(bk, k, groups)
-        if bn > n or bm * bn > 128 * 128:
+        if bn > n or bm * bn > max_tile:
             continue
         for warps in (4, 8) if bm * bn >= 64 * 128 or bn == 256 else (2, 4) if bn <= 64 else (4,):
             splits = sorted(set(SPLIT_K) | {shipped.split_k}) if bm <= 16 else (1,)
@@ -87,7 +92,7 @@ def run_gemm(which: str, cfg: GemmConfig, w, inputs, topk: int):
     return grouped_gemm(act, w, routing, cfg, a_fp8=act8, routed_weights=tw.reshape(-1))
 
 
-def cases(shapes, assigns, tokens_list, swap_ab=False):
+def cases(shapes, assigns, tokens_list, swap_ab=False, **grid):
     """(shape, assign, tokens, gemm, [configs]) in priority order: decode token counts first."""
     out = []
     for t in tokens_list:
@@ -97,7 +102,7 @@ def cases(shapes, assigns, tokens_list, swap_ab=False):
                 w13, w2 = kc.make_layer(shape, assign, fill=False)
                 c1, c2 = select_configs(t, topk, w13, w2, torch.device(kc.DEVICE))
                 for which, w, shipped in (("gate_up", w13, c1), ("down", w2, c2)):
-                    out.append((shape, assign, t, which, candidates(shipped, w.n, w.k, w.group_sizes(), swap_ab)))
+                    out.append((shape, assign, t, which, candidates(shipped, w.n, w.k, w.group_sizes(), swap_ab, **grid)))
     return out
 
 
@@ -114,6 +119,10 @@ def _compile(job) -> str:
         return f"{job}: {traceback.format_exc(limit=2)}"
 
 
+def _ints(csv: str) -> list[int]:
+    return [int(v) for v in csv.split(",")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="qwen3-30b-a3b")
@@ -121,13 +130,19 @@ def main() -> None:
     ap.add_argument("--tokens", default="16,64,1,256", help="in priority order")
     ap.add_argument("--procs", type=int, default=15)
     ap.add_argument("--swap-ab", action="store_true", help="also time every config with GemmConfig.swap_ab")
+    ap.add_argument("--block-n", default=",".join(map(str, BLOCK_N)), help="BLOCK_N values of the grid")
+    ap.add_argument("--block-k", default=",".join(map(str, BLOCK_K)), help="BLOCK_K values of the grid")
+    ap.add_argument("--stages", default=",".join(map(str, STAGES)), help="num_stages values of the grid")
+    ap.add_argument("--max-tile", type=int, default=MAX_TILE, help="largest BLOCK_M x BLOCK_N tried")
     ap.add_argument("--budget-s", type=float, default=420, help="stop timing new cases after this many seconds")
     ap.add_argument("--compile-budget-s", type=float, default=200)
     args = ap.parse_args()
     t0 = time.time()
     out_dir = Path(os.environ.get("OUT", "."))
     shapes, assigns = args.shapes.split(","), args.assign.split(",")
-    todo = cases(shapes, assigns, [int(t) for t in args.tokens.split(",")], args.swap_ab)
+    grid = {"block_n": _ints(args.block_n), "block_k": _ints(args.block_k), "stages": _ints(args.stages),
+            "max_tile": args.max_tile}
+    todo = cases(shapes, assigns, _ints(args.tokens), args.swap_ab, **grid)
     # One compile per (layer, GEMM, config): the token count is not a specialisation key.
     jobs = list({(sh, a, which, cfg): (sh, a, t, which, cfg) for sh, a, t, which, cfgs in todo for cfg in cfgs}.values())
     print(f"{len(todo)} cases, {len(jobs)} configs to compile", flush=True)

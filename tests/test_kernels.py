@@ -331,6 +331,11 @@ def test_config_selection():
     # Prefill: big tiles, no split.
     prefill = select_gemm_config(8192, 8, 128, 1536, 2048, [128])
     assert prefill.block_m == 128 and prefill.split_k == 1
+    # An all-fp8 GEMM takes the wide fp8 tile in prefill only, with the same BLOCK_M as its partner GEMM.
+    fp8 = select_gemm_config(8192, 8, 128, 1536, 2048, [2048], fp8_only=True)
+    assert fp8.block_n > prefill.block_n and fp8.block_m == prefill.block_m
+    assert select_gemm_config(16, 8, 128, 1536, 2048, [2048], fp8_only=True) == select_gemm_config(
+        16, 8, 128, 1536, 2048, [2048])
 
 
 # ---------------------------------------------------------------------------
@@ -341,13 +346,13 @@ def test_warmup_signatures_cover_every_token_count():
     from vllm_mxmoe.kernels import warmup
     from vllm_mxmoe.kernels.configs import select_gemm_config
 
-    g1, g2 = (1536, 2048, (128,)), (2048, 768, (128,))
+    g1, g2 = (1536, 2048, (128,), False), (2048, 768, (128,), True)  # gate_up int, down all w8a8fp8
     sigs = warmup.signature_token_counts(4096, 8, 128, g1, g2, 132)
     first = {sig: t for t, sig in sigs}
     assert len(first) == len(sigs) and 2 < len(sigs) < 64, len(sigs)
     for t in (1, 2, 3, 7, 16, 17, 100, 511, 512, 513, 2049, 4096):
         cfg1 = select_gemm_config(t, 8, 128, *g1[:2], list(g1[2]), sms=132)
-        cfg2 = select_gemm_config(t, 8, 128, *g2[:2], list(g2[2]), sms=132)
+        cfg2 = select_gemm_config(t, 8, 128, *g2[:2], list(g2[2]), sms=132, fp8_only=True)
         sig = (cfg1, cfg2, warmup._align_variant(t * 8, 128))
         assert sig in first and first[sig] <= t  # warmed at the smallest count that launches it
 
@@ -359,7 +364,8 @@ def test_warmup_runs_each_signature_once():
     w13 = make_weights(["w4g128", "w2g64", "w8"], 256, 128, gen)
     w2 = make_weights(["w3g64", "w4g128", "w8"], 128, 128, gen)
     launches, _ = warmup.warm_up_layer(w13, w2, topk=2, max_tokens=24, dtype=DTYPE)
-    expected = len(warmup.signature_token_counts(24, 2, 3, (256, 128, (64, 128)), (128, 128, (64, 128)), 132))
+    g1, g2 = (256, 128, (64, 128), False), (128, 128, (64, 128), False)
+    expected = len(warmup.signature_token_counts(24, 2, 3, g1, g2, 132))
     assert launches == expected > 1
     assert warmup.warm_up_layer(w13, w2, topk=2, max_tokens=24, dtype=DTYPE)[0] == 0  # already compiled
 

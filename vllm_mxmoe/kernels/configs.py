@@ -46,7 +46,8 @@ class GemmConfig:
 # With 4-bit blocks in fragment order (layout.is_fragment_ordered; 2026-11-29 late sweeps,
 # KERNEL_NOTES.md version 5) BLOCK_M = 16 also won at 17 rows per expert (qwen1.5-moe, 256 tokens:
 # 1.7-2.1x over BLOCK_M = 32), and prefill wants BLOCK_K = 128 with 2 stages (1.6-2.5x at 8192 tokens);
-# the <= 128-row bucket took the same BLOCK_K and stages without a sweep of its own.
+# the <= 128-row bucket takes the same BLOCK_K and stages: its own sweep (1024 tokens, 2026-11-30) found
+# 8 warps / 3 stages 1.03-1.16x faster on gate_up but 1.07x slower on down, and a bucket has one config.
 TILE_TABLE: list[tuple[float, GemmConfig]] = [
     (4, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
     (16, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
@@ -54,6 +55,13 @@ TILE_TABLE: list[tuple[float, GemmConfig]] = [
     (128, GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=2)),
     (math.inf, GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=2)),
 ]
+
+# Prefill tile of a GEMM whose blocks are all w8a8fp8: with no dequantization registers the 128 x 256
+# tile with two warpgroups and 4 stages fits, and fp8 tensor cores need it (tile_sweep.py --max-tile
+# 32768, 2026-11-30: 1.23x gate_up and 1.34x down over the shared prefill tile at 8192 tokens on
+# qwen3-30b-a3b; the w4g128 layer gained nothing from it on gate_up). Same BLOCK_M as that tile, so
+# the other GEMM of the layer may keep the shared one.
+FP8_PREFILL_CONFIG = GemmConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=4)
 
 # Split K until about this many programs per SM are in flight (decode only):
 # each program streams only BLOCK_N * BLOCK_K packed weights per step, so the
@@ -138,11 +146,13 @@ def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n
 
 def select_gemm_config(
     num_tokens: int, topk: int, num_experts: int, n: int, k: int, groups: Sequence[int], device=None,
-    sms: int | None = None,
+    sms: int | None = None, fp8_only: bool = False,
 ) -> GemmConfig:
     """The config of one GEMM of a layer (BLOCK_M follows table_config for both); ``sms``
-    overrides the SM count read from ``device``."""
+    overrides the SM count read from ``device``; ``fp8_only``: every block is w8a8fp8."""
     cfg = table_config(num_tokens, topk, num_experts)
+    if fp8_only and cfg == TILE_TABLE[-1][1]:
+        cfg = FP8_PREFILL_CONFIG
     cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, groups))
     sms = sms or num_sms(device)
     return replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms))

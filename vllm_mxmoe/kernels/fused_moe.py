@@ -18,7 +18,7 @@ from . import csrc_ext
 from .act_quant import quantize_fp8_per_token, silu_and_mul
 from .align import align_routing
 from .configs import GemmConfig, select_gemm_config
-from .grouped_gemm import grouped_gemm, needs_fp8_activations
+from .grouped_gemm import all_w8a8fp8, grouped_gemm, needs_fp8_activations
 from .layout import ExpertGemmWeights
 
 
@@ -58,9 +58,16 @@ def select_configs(
 ) -> tuple[GemmConfig, GemmConfig]:
     """Configs of (GEMM1, GEMM2) for this token count; both share BLOCK_M (see configs.py)."""
     e = w13.num_experts
-    cfg1 = select_gemm_config(num_tokens, topk, e, w13.n, w13.k, w13.group_sizes(), device)
-    cfg2 = select_gemm_config(num_tokens, topk, e, w2.n, w2.k, w2.group_sizes(), device)
-    return cfg1, cfg2
+    configs = []
+    for w in (w13, w2):
+        n, k, groups, fp8_only = gemm_key(w)
+        configs.append(select_gemm_config(num_tokens, topk, e, n, k, groups, device, fp8_only=fp8_only))
+    return configs[0], configs[1]
+
+
+def gemm_key(w: ExpertGemmWeights) -> tuple[int, int, tuple[int, ...], bool]:
+    """What a GEMM's config depends on besides the token count: (N, K, group sizes, all w8a8fp8)."""
+    return w.n, w.k, w.group_sizes(), all_w8a8fp8(w)
 
 
 def mxmoe_fused_experts(

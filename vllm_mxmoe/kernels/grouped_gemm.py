@@ -86,6 +86,11 @@ def needs_fp8_activations(weights: ExpertGemmWeights) -> bool:
     return any(s.act == "fp8" for s in weights.schemes)
 
 
+def all_w8a8fp8(weights: ExpertGemmWeights) -> bool:
+    """Every block runs on fp8 tensor cores with nothing to dequantize (configs.FP8_PREFILL_CONFIG)."""
+    return all(s.act == "fp8" and s.weight_is_fp8 for s in weights.schemes)
+
+
 # ---------------------------------------------------------------------------
 # Inner loops, one per kind of scheme
 
@@ -262,17 +267,18 @@ _ASM_W3_F16, _ASM_W3_BF16 = tl.constexpr(_asm_pairs_w3(True)), tl.constexpr(_asm
 
 def _asm_pairs_in_word(bits: int, fp16: bool) -> str:
     """PTX for one word ($F, $F+1 the same word; F = 16 / field width outputs, pack=2) -> F pairs
-    (field i, field i + F) in $0..$F-1: one SHR + LOP3 + 2 FMA each. 3 bits: the word is the
-    2-bit plane's, and the bit-2 word ($F+2, $F+3 the same) has bits i and i + 16 for pair i."""
+    (field i, field i + F) minus the zero point, unscaled, in $0..$F-1: one SHR + LOP3 + FMA each.
+    3 bits: the word is the 2-bit plane's, and the bit-2 word ($F+2, $F+3 the same) has bits i and
+    i + 16 for pair i. The last input is -(zero + magic)."""
     step = 2 if bits == 3 else bits  # field width in the word
     f = 16 // step
     typ = "f16x2" if fp16 else "bf16x2"
     one = "0x3C003C00" if fp16 else "0x3F803F80"
     mask = "0x000f000f" if bits == 4 else "0x00030003"
     word = f"${f}"
-    sc, nz = (f"${f + 2}", f"${f + 3}") if bits != 3 else (f"${f + 4}", f"${f + 5}")
-    regs = "t, u, v, one, mz" if bits != 4 else "t, u, one, mz"
-    lines = ["{", f".reg .b32 {regs};", f"mov.b32 one, {one};", "mov.b32 mz, 0x80008000;"]
+    nz = f"${f + 4}" if bits == 3 else f"${f + 2}"
+    regs = "t, u, v, one" if bits == 3 else "t, u, one"
+    lines = ["{", f".reg .b32 {regs};", f"mov.b32 one, {one};"]
     for i in range(f):
         src = word
         if i:
@@ -282,16 +288,15 @@ def _asm_pairs_in_word(bits: int, fp16: bool) -> str:
         if bits == 3:
             lines.append(_shift_to_bit2(f"${f + 2}", i))
             lines.append("lop3.b32 t, v, 0x00040004, t, 0xea;")
-        lines.append(f"fma.rn.{typ} t, t, one, {nz};")
-        lines.append(f"fma.rn.{typ} ${i}, t, {sc}, mz;")
+        lines.append(f"fma.rn.{typ} ${i}, t, one, {nz};")
     lines.append("}")
     return "\n".join(lines)
 
 
 def _asm_in_word_constraints(bits: int) -> str:
-    """F outputs, then the word twice (and the bit-2 word twice), scale, -(zero + magic)."""
+    """F outputs, then the word twice (and the bit-2 word twice), -(zero + magic)."""
     f = 16 // (2 if bits == 3 else bits)
-    return ",".join(["=r"] * f + ["r"] * (6 if bits == 3 else 4))
+    return ",".join(["=r"] * f + ["r"] * (5 if bits == 3 else 3))
 
 
 _ASM_W4P_F16, _ASM_W4P_BF16 = tl.constexpr(_asm_pairs_in_word(4, True)), tl.constexpr(_asm_pairs_in_word(4, False))
@@ -385,9 +390,10 @@ def _fragment_tile_to_k_order(t, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B
 
 
 @triton.jit
-def _dequant_tile_w4_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
-                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
-    """4-bit tile [BLOCK_N, BLOCK_K] in K order, read from a block in fragment order (layout._fragment_slots).
+def _dequant_tile_w4_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero, BLOCK_K: tl.constexpr,
+                          BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, SCALED: tl.constexpr):
+    """4-bit tile [BLOCK_N, BLOCK_K] of q - zero (times scale if SCALED; the asm never scales) in K
+    order, read from a block in fragment order (layout._fragment_slots).
 
     Word 4c + j of a 128-chunk holds K positions k1, k2 = c, k5, k6 = j; nibble f holds
     k3 + 2 k4 + 4 k0. One LOP3 per (word, j) gives the pair (k0 = 0, 1) the MMA reads
@@ -410,37 +416,48 @@ def _dequant_tile_w4_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero
     sc = scale[:, :, None]
     nz = nzero[:, :, None]
     if USE_ASM:
+        tl.static_assert(not SCALED)
         if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
-            o = tl.inline_asm_elementwise(_ASM_W4P_F16, _CONS_4P, [x, sc, nz],
+            o = tl.inline_asm_elementwise(_ASM_W4P_F16, _CONS_4P, [x, nz],
                                           dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
                                           is_pure=True, pack=2)
         else:
-            o = tl.inline_asm_elementwise(_ASM_W4P_BF16, _CONS_4P, [x, sc, nz],
+            o = tl.inline_asm_elementwise(_ASM_W4P_BF16, _CONS_4P, [x, nz],
                                           dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                           is_pure=True, pack=2)
     else:
         h16 = (tl.arange(0, 2) * 16)[None, None, :]
-        o = (_field(x >> h16, 0, 4, sc, nz, DTYPE), _field(x >> h16, 1, 4, sc, nz, DTYPE),
-             _field(x >> h16, 2, 4, sc, nz, DTYPE), _field(x >> h16, 3, 4, sc, nz, DTYPE))
+        x = x >> h16
+        o = (_frag_field(x, x, 0, 4, sc, nz, DTYPE, SCALED), _frag_field(x, x, 1, 4, sc, nz, DTYPE, SCALED),
+             _frag_field(x, x, 2, 4, sc, nz, DTYPE, SCALED), _frag_field(x, x, 3, 4, sc, nz, DTYPE, SCALED))
     t = tl.join(tl.join(o[0], o[2]), tl.join(o[1], o[3]))  # [BN, words, k0, k4, k3]
     return _fragment_tile_to_k_order(t, BLOCK_N, BLOCK_K, 4)
 
 
 @triton.jit
-def _field23(x, xh, i: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr):
-    """Pure-Triton twin of _asm_pairs_in_word (2/3 bits): field i of 2-bit words x, bit 2 from bit i of xh (3 bits)."""
+def _frag_field(x, xh, i: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr):
+    """Pure-Triton twin of _asm_pairs_in_word: field i of words x minus the zero point (nzero =
+    -(zero + magic)), times scale if SCALED; 3 bits: x is the 2-bit plane, bit 2 from bit i of xh."""
     MAGIC_BITS: tl.constexpr = 0x6400 if DTYPE == tl.float16 else 0x4300
-    q = (x >> (2 * i)) & 3
+    if BITS == 4:
+        q = (x >> (4 * i)) & 15
+    else:
+        q = (x >> (2 * i)) & 3
     if BITS == 3:
         q = q | (((xh >> i) & 1) << 2)
     q = q | MAGIC_BITS
-    return (q.to(tl.int16).to(DTYPE, bitcast=True) + nzero) * scale
+    w = q.to(tl.int16).to(DTYPE, bitcast=True) + nzero
+    if SCALED:
+        w = w * scale
+    return w
 
 
 @triton.jit
 def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero, BITS: tl.constexpr,
-                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
-    """2/3-bit tile [BLOCK_N, BLOCK_K] in K order, read from a block in fragment order (layout._fragment_slots).
+                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
+                           SCALED: tl.constexpr):
+    """2/3-bit tile [BLOCK_N, BLOCK_K] of q - zero (times scale if SCALED; the asm never scales) in K
+    order, read from a block in fragment order (layout._fragment_slots).
 
     The 2-bit words (3 bits: the low-bit plane) hold lane c's K positions in word 2c + k6 of a
     128-chunk, field k3 + 2 k4 + 4 k5 + 8 k0; the bit-2 plane's word c of the chunk holds bit 2
@@ -473,25 +490,26 @@ def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzer
     sc = scale[:, :, None]
     nz = nzero[:, :, None]
     if USE_ASM and BLOCK_K >= 64:
+        tl.static_assert(not SCALED)
         if BITS == 2:
             if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
-                o = tl.inline_asm_elementwise(_ASM_W2P_F16, _CONS_2P, [x, sc, nz],
+                o = tl.inline_asm_elementwise(_ASM_W2P_F16, _CONS_2P, [x, nz],
                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16,
                                                      tl.float16, tl.float16, tl.float16, tl.float16),
                                               is_pure=True, pack=2)
             else:
-                o = tl.inline_asm_elementwise(_ASM_W2P_BF16, _CONS_2P, [x, sc, nz],
+                o = tl.inline_asm_elementwise(_ASM_W2P_BF16, _CONS_2P, [x, nz],
                                               dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
                                                      tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                               is_pure=True, pack=2)
         else:
             if DTYPE == tl.float16:
-                o = tl.inline_asm_elementwise(_ASM_W3P_F16, _CONS_3P, [x, xh, sc, nz],
+                o = tl.inline_asm_elementwise(_ASM_W3P_F16, _CONS_3P, [x, xh, nz],
                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16,
                                                      tl.float16, tl.float16, tl.float16, tl.float16),
                                               is_pure=True, pack=2)
             else:
-                o = tl.inline_asm_elementwise(_ASM_W3P_BF16, _CONS_3P, [x, xh, sc, nz],
+                o = tl.inline_asm_elementwise(_ASM_W3P_BF16, _CONS_3P, [x, xh, nz],
                                               dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
                                                      tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                               is_pure=True, pack=2)
@@ -501,14 +519,25 @@ def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzer
         x = x >> h16
         xh = xh >> h16
         if BLOCK_K >= 64:
-            t = _join8(_field23(x, xh, 0, BITS, sc, nz, DTYPE), _field23(x, xh, 1, BITS, sc, nz, DTYPE),
-                       _field23(x, xh, 2, BITS, sc, nz, DTYPE), _field23(x, xh, 3, BITS, sc, nz, DTYPE),
-                       _field23(x, xh, 4, BITS, sc, nz, DTYPE), _field23(x, xh, 5, BITS, sc, nz, DTYPE),
-                       _field23(x, xh, 6, BITS, sc, nz, DTYPE), _field23(x, xh, 7, BITS, sc, nz, DTYPE))
+            t = _join8(_frag_field(x, xh, 0, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 1, BITS, sc, nz, DTYPE, SCALED),
+                       _frag_field(x, xh, 2, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 3, BITS, sc, nz, DTYPE, SCALED),
+                       _frag_field(x, xh, 4, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 5, BITS, sc, nz, DTYPE, SCALED),
+                       _frag_field(x, xh, 6, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 7, BITS, sc, nz, DTYPE, SCALED))
         else:
-            t = tl.join(tl.join(_field23(x, xh, 0, BITS, sc, nz, DTYPE), _field23(x, xh, 2, BITS, sc, nz, DTYPE)),
-                        tl.join(_field23(x, xh, 1, BITS, sc, nz, DTYPE), _field23(x, xh, 3, BITS, sc, nz, DTYPE)))
+            t = tl.join(tl.join(_frag_field(x, xh, 0, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 2, BITS, sc, nz, DTYPE, SCALED)),
+                        tl.join(_frag_field(x, xh, 1, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 3, BITS, sc, nz, DTYPE, SCALED)))
     return _fragment_tile_to_k_order(t, BLOCK_N, BLOCK_K, BITS)
+
+
+@triton.jit
+def _dequant_tile_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero, BITS: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
+                       SCALED: tl.constexpr):
+    if BITS == 4:
+        return _dequant_tile_w4_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                                     BLOCK_K, BLOCK_N, DTYPE, USE_ASM, SCALED)
+    return _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                                  BITS, BLOCK_K, BLOCK_N, DTYPE, USE_ASM, SCALED)
 
 
 @triton.jit
@@ -671,34 +700,48 @@ def _int_weight_loop_fields(
     if WORDS_ALIGNED:
         words_per_row = tl.multiple_of(words_per_row, 4)
     mid: tl.constexpr = 1 << (BITS - 1)
+    # Fragment tiles in decode hold q - zero (small integers, exact) and the group's scale multiplies
+    # each K tile's fp32 product: BLOCK_M x BLOCK_N FMAs per step instead of BLOCK_N x BLOCK_K / 2
+    # bf16x2 multiplies, and no scale rounded to bf16. Large tiles (BLOCK_M > 32) scale the weights;
+    # the asm never does (it serves decode tiles, or everything when MXMOE_DEQUANT forces it).
+    POST_SCALE: tl.constexpr = FRAG and (USE_ASM or BLOCK_M <= 32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # K tiles per group (BLOCK_K divides the group: configs.fit_block_k). The group of tile kt is
+    # floor((kt + 0.5) / tiles) in fp32: 3 instructions instead of an integer division per step,
+    # exact since (kt + 0.5) / tiles stays >= 0.5 / tiles from an integer and K tiles < 2^22.
+    inv_tiles = 1.0 / (group // BLOCK_K).to(tl.float32)
     for kt in range(kt_begin, kt_end):
         k0 = kt * BLOCK_K
         a = tl.load(a_ptrs + k0, mask=row_mask[:, None], other=0.0)
-        g = k0 // group
+        g = ((kt + 0.5) * inv_tiles).to(tl.int32)
         n2 = offs_n[:, None]
-        scale = tl.load(s_ptr + n2 * num_groups + g, mask=n_mask[:, None], other=0.0).to(a.dtype)
         zero = tl.load(z_ptr + n2 * num_groups + g, mask=n2 < zero_cols, other=mid).to(tl.float32)
         MAGIC: tl.constexpr = 1024.0 if a.dtype == tl.float16 else 128.0
         nzero = (-(zero + MAGIC)).to(a.dtype)
-        if FRAG:
-            if BITS == 4:
-                w = _dequant_tile_w4_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
-                                          BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
+        if POST_SCALE:
+            w = _dequant_tile_frag(w_ptr, words_per_row, k0, offs_n, n_mask, nzero, nzero, BITS, BLOCK_K,
+                                   BLOCK_N, a.dtype, USE_ASM, False)
+            scale32 = tl.load(s_ptr + offs_n * num_groups + g, mask=n_mask, other=0.0).to(tl.float32)
+            if SWAP_AB:
+                acc_t += tl.dot(w, tl.trans(a)) * scale32[:, None]
             else:
-                w = _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
-                                           BITS, BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
-        elif PAIRED:
-            a = _permute_k8(a, BLOCK_M, BLOCK_K)
-            w = _dequant_tile_w4_paired(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
-                                        BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
+                acc += tl.dot(a, tl.trans(w)) * scale32[None, :]
         else:
-            w = _dequant_tile(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
-                              BITS, BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
-        if SWAP_AB:
-            acc_t = tl.dot(w, tl.trans(a), acc_t)
-        else:
-            acc = tl.dot(a, tl.trans(w), acc)
+            scale = tl.load(s_ptr + n2 * num_groups + g, mask=n_mask[:, None], other=0.0).to(a.dtype)
+            if FRAG:
+                w = _dequant_tile_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero, BITS, BLOCK_K,
+                                       BLOCK_N, a.dtype, USE_ASM, True)
+            elif PAIRED:
+                a = _permute_k8(a, BLOCK_M, BLOCK_K)
+                w = _dequant_tile_w4_paired(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                                            BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
+            else:
+                w = _dequant_tile(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero,
+                                  BITS, BLOCK_K, BLOCK_N, a.dtype, USE_ASM)
+            if SWAP_AB:
+                acc_t = tl.dot(w, tl.trans(a), acc_t)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
     if SWAP_AB:
         acc += tl.trans(acc_t)
     return acc

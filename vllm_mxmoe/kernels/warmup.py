@@ -43,17 +43,18 @@ def _align_variant(num_slots: int, num_experts: int) -> tuple:
 @functools.lru_cache(maxsize=64)
 def signature_token_counts(
     max_tokens: int, topk: int, num_experts: int,
-    gemm1: tuple[int, int, tuple[int, ...]], gemm2: tuple[int, int, tuple[int, ...]], sms: int,
+    gemm1: tuple[int, int, tuple[int, ...], bool], gemm2: tuple[int, int, tuple[int, ...], bool], sms: int,
 ) -> tuple[tuple[int, tuple], ...]:
     """(smallest token count, signature) for each distinct launch signature in 1..max_tokens.
 
-    gemm1/gemm2 are (N, K, group sizes); the signature is both GEMM configs and the
-    alignment variant, which together fix every constexpr of the layer's kernels.
+    gemm1/gemm2 are fused_moe.gemm_key's (N, K, group sizes, all w8a8fp8); the signature is
+    both GEMM configs and the alignment variant, which together fix every constexpr of the
+    layer's kernels.
     """
     seen: dict[tuple, int] = {}
     for t in range(1, max_tokens + 1):
-        cfg1 = select_gemm_config(t, topk, num_experts, gemm1[0], gemm1[1], gemm1[2], sms=sms)
-        cfg2 = select_gemm_config(t, topk, num_experts, gemm2[0], gemm2[1], gemm2[2], sms=sms)
+        cfg1 = select_gemm_config(t, topk, num_experts, *gemm1[:3], sms=sms, fp8_only=gemm1[3])
+        cfg2 = select_gemm_config(t, topk, num_experts, *gemm2[:3], sms=sms, fp8_only=gemm2[3])
         sig = (cfg1, cfg2, _align_variant(t * topk, num_experts))
         seen.setdefault(sig, t)
     return tuple((t, sig) for sig, t in seen.items())
@@ -64,7 +65,7 @@ def warm_up_layer(
     expert_map: torch.Tensor | None = None, num_global_experts: int | None = None,
 ) -> tuple[int, float]:
     """Run mxmoe_fused_experts once per launch signature not compiled yet; (launches, seconds)."""
-    from .fused_moe import mxmoe_fused_experts
+    from .fused_moe import gemm_key, mxmoe_fused_experts
 
     device = w13.qweight.device
     e_global = num_global_experts or w13.num_experts
@@ -72,7 +73,7 @@ def warm_up_layer(
                  topk, expert_map is not None, w13.group_sizes(), w2.group_sizes())
     todo = [
         (t, sig) for t, sig in signature_token_counts(
-            max_tokens, topk, w13.num_experts, (w13.n, w13.k, w13.group_sizes()), (w2.n, w2.k, w2.group_sizes()), num_sms(device)
+            max_tokens, topk, w13.num_experts, gemm_key(w13), gemm_key(w2), num_sms(device)
         ) if (layer_key, sig) not in _DONE
     ]
     t0 = time.perf_counter()
