@@ -47,7 +47,7 @@ from vllm_mxmoe.kernels.act_quant import quantize_fp8_per_token, silu_and_mul  #
 from vllm_mxmoe.kernels.fused_moe import gemm_key, mxmoe_fused_experts, select_configs  # noqa: E402
 from vllm_mxmoe.kernels.grouped_gemm import grouped_gemm, needs_fp8_activations  # noqa: E402
 from vllm_mxmoe.kernels.layout import ExpertGemmWeights, block_sizes, is_fragment_ordered  # noqa: E402
-from vllm_mxmoe.kernels.reference import reference_fused_experts  # noqa: E402
+from vllm_mxmoe.kernels.reference import fake_quant_fp8_per_token, reference_fused_experts  # noqa: E402
 from vllm_mxmoe.schemes import KNOWN_SCHEMES, parse_scheme  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -362,6 +362,38 @@ def check_correctness(shape: str, layers, mode: str = "default", tokens_list=Non
     return rows
 
 
+# Rows x columns of the fp8-copy check: odd sizes, rows of one block and of two (act 4096 > 2048).
+FP8_CHECK_X = ((7, 200), (4096, 2048), (333, 768), (64, 1408), (16, 4096))
+FP8_CHECK_ACT = ((9, 96), (5000, 768), (100, 1408), (30, 4096))
+
+
+def check_fp8_copies() -> list[dict]:
+    """The per-token fp8 copies (of x, and of act made by SiLU-and-mul) against torch's RTNE cast: exact
+    for x; for act, whose SiLU may differ from torch's by an ulp, at most 1% of the fp8 values differ."""
+    rows = []
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    for n, k in FP8_CHECK_X:
+        x = (torch.randn(n, k, device=DEVICE, generator=g) * torch.logspace(-3, 3, n, device=DEVICE)[:, None]).to(DTYPE)
+        q, scale = quantize_fp8_per_token(x)
+        want = (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        differ = (q.view(torch.uint8) != want.view(torch.uint8)).float().mean().item()
+        rows.append(dict(shape=f"x {n}x{k}", layer="fp8copy", mode="per-token", tokens=n, rel_err=differ,
+                         unwritten=0, ok=differ == 0.0))
+    for n, inter in FP8_CHECK_ACT:
+        parts = (torch.randn(2, n, 2 * inter, device=DEVICE, generator=g) * 3).to(DTYPE)
+        slot_expert = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+        slot_expert[::5] = -1  # other ranks' slots: skipped
+        summed = parts.float().sum(0)
+        want = fake_quant_fp8_per_token((torch.nn.functional.silu(summed[:, :inter]) * summed[:, inter:]).to(DTYPE))
+        live = slot_expert >= 0
+        for store_act in (True, False):
+            _, (q, scale) = silu_and_mul(parts, slot_expert, DTYPE, True, store_act=store_act)
+            differ = ((q.float() * scale[:, None]) != want)[live].float().mean().item()
+            rows.append(dict(shape=f"act {n}x{inter}", layer="fp8copy", mode="silu" + ("" if store_act else "-noact"),
+                             tokens=n, rel_err=differ, unwritten=0, ok=differ <= 0.01))
+    return rows
+
+
 def slice_experts(w: ExpertGemmWeights, experts: list[int]) -> ExpertGemmWeights:
     sub = ExpertGemmWeights.allocate([w.schemes[e] for e in experts], w.n, w.k, device=DEVICE)
     for i, e in enumerate(experts):
@@ -591,8 +623,9 @@ def cpu_smoke_setup():
     DEVICE, DTYPE = "cpu", torch.float16
     SHAPES = {"tiny-a": dict(hidden=256, inter=128, experts=12, topk=2), "tiny-b": dict(hidden=128, inter=256, experts=16, topk=4)}
     CHECK_TOKENS, TIME_TOKENS = (1, 9), (1, 40)
-    global SPLIT_TOKENS, LAYER_COPIES
+    global SPLIT_TOKENS, LAYER_COPIES, FP8_CHECK_X, FP8_CHECK_ACT
     SPLIT_TOKENS, LAYER_COPIES = (3,), 1
+    FP8_CHECK_X, FP8_CHECK_ACT = ((7, 200),), ((9, 96), (3, 4096))
 
 
 # ---------------------------------------------------------------------------
@@ -628,6 +661,7 @@ def main():
     if args.time_tokens:
         TIME_TOKENS = tuple(int(t) for t in args.time_tokens.split(","))
     out_dir = os.environ.get("OUT", ".")
+    os.makedirs(out_dir, exist_ok=True)
     lines: list[str] = []
     results: dict = dict(check=[], timing=[])
 
@@ -710,6 +744,11 @@ def main():
                     results["check"].append(dict(shape=shape, layer=label, mode=m, tokens=-1, rel_err=float("nan"),
                                                  unwritten=-1, ok=False))
                 save()
+        emit("fp8 activation copies (rel err column: share of fp8 values that differ from torch's cast)")
+        for r in check_fp8_copies():
+            results["check"].append(r)
+            emit(f"{r['shape']:22} {r['layer']:8} {r['mode']:9} {r['tokens']:6d} {r['rel_err']:9.2e} "
+                 f"{r['unwritten']:9d}  {'ok' if r['ok'] else 'FAIL'}")
         bad = [r for r in results["check"] if not r["ok"]]
         emit(f"correctness: {len(results['check']) - len(bad)} ok, {len(bad)} FAIL")
         failed_modes = {r["mode"] for r in bad}

@@ -257,6 +257,30 @@ def test_fp8_per_token_matches_reference():
     assert torch.equal(q.float() * scale[:, None], fake_quant_fp8_per_token(x))
 
 
+@pytest.mark.parametrize("inter", [96, 4096])  # one block per row (quantized from registers), and two
+def test_silu_and_mul_fp8_copy_matches_reference(inter):
+    """The fp8 copy is the per-token quantization of the rounded act, whether or not act is stored,
+    with split-K partials summed first; rows of other ranks' experts are left alone."""
+    import torch.nn.functional as F
+
+    from vllm_mxmoe.kernels.act_quant import silu_and_mul
+    from vllm_mxmoe.kernels.reference import fake_quant_fp8_per_token
+
+    gen = torch.Generator().manual_seed(4)
+    partials = (torch.randn(2, 6, 2 * inter, generator=gen) * 3).to(DTYPE)
+    slot_expert = torch.tensor([0, 1, -1, 2, 0, 1], dtype=torch.int32)
+    summed = partials.float().sum(0)
+    want_act = (F.silu(summed[:, :inter]) * summed[:, inter:]).to(DTYPE)
+    want_fp8 = fake_quant_fp8_per_token(want_act)
+    live = slot_expert >= 0
+    for store_act in (True, False):
+        act, (q, scale) = silu_and_mul(partials, slot_expert, DTYPE, quantize_fp8=True, store_act=store_act)
+        got = q.float() * scale[:, None]
+        assert torch.equal(got[live], want_fp8[live]), f"store_act={store_act}"
+        if store_act:
+            assert torch.equal(act[live], want_act[live])
+
+
 # ---------------------------------------------------------------------------
 # The fused layer
 

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..format import FP8_DTYPE
+from .configs import interpreting
 
 
 @triton.jit
@@ -30,18 +31,29 @@ def round_to_e4m3_grid(x):
 
 
 @triton.jit
-def _quantize_row_fp8(src_ptr, dst_ptr, scale_ptr, row, n_cols, amax, BLOCK: tl.constexpr):
+def to_e4m3(x, HW_CAST: tl.constexpr):
+    """fp32 (|x| <= 448) -> e4m3, rounded to nearest even: the hardware cast on the GPU (one cvt
+    per pair; the hand rounding cost the fp8 SiLU kernel ~40% of its time at 8192 tokens), the
+    hand rounding under the interpreter (HW_CAST = not configs.interpreting())."""
+    if HW_CAST:
+        return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    return round_to_e4m3_grid(x).to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_row_fp8(src_ptr, dst_ptr, scale_ptr, row, n_cols, amax, BLOCK: tl.constexpr, HW_CAST: tl.constexpr):
     scale = tl.maximum(amax, 1e-12) / 448.0  # format.FP8_MAX
     tl.store(scale_ptr + row, scale)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         x = tl.load(src_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        q = round_to_e4m3_grid(tl.clamp(x / scale, -448.0, 448.0))
-        tl.store(dst_ptr + cols, q.to(dst_ptr.dtype.element_ty), mask=cols < n_cols)
+        q = to_e4m3(tl.clamp(x / scale, -448.0, 448.0), HW_CAST)
+        tl.store(dst_ptr + cols, q, mask=cols < n_cols)
 
 
 @triton.jit
-def _fp8_per_token_kernel(x_ptr, q_ptr, scale_ptr, n_cols, stride_x, stride_q, BLOCK: tl.constexpr):
+def _fp8_per_token_kernel(x_ptr, q_ptr, scale_ptr, n_cols, stride_x, stride_q, BLOCK: tl.constexpr,
+                          HW_CAST: tl.constexpr):
     row = tl.program_id(0)
     src = x_ptr + row.to(tl.int64) * stride_x
     amax = tl.zeros((BLOCK,), tl.float32)
@@ -49,7 +61,8 @@ def _fp8_per_token_kernel(x_ptr, q_ptr, scale_ptr, n_cols, stride_x, stride_q, B
         cols = c0 + tl.arange(0, BLOCK)
         x = tl.load(src + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    _quantize_row_fp8(src, q_ptr + row.to(tl.int64) * stride_q, scale_ptr, row, n_cols, tl.max(amax, axis=0), BLOCK)
+    _quantize_row_fp8(src, q_ptr + row.to(tl.int64) * stride_q, scale_ptr, row, n_cols, tl.max(amax, axis=0), BLOCK,
+                      HW_CAST)
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +72,8 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scale = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
         _fp8_per_token_kernel[(rows,)](
-            x, q, scale, cols, x.stride(0), q.stride(0), BLOCK=min(4096, triton.next_power_of_2(cols))
+            x, q, scale, cols, x.stride(0), q.stride(0), BLOCK=min(4096, triton.next_power_of_2(cols)),
+            HW_CAST=not interpreting(),
         )
     return q, scale
 
@@ -67,15 +81,22 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 @triton.jit
 def _silu_and_mul_kernel(
     gate_up_ptr, slot_expert_ptr, act_ptr, q_ptr, scale_ptr, inter, split_stride,
-    SPLIT_K: tl.constexpr, QUANT_FP8: tl.constexpr, BLOCK: tl.constexpr,
+    SPLIT_K: tl.constexpr, QUANT_FP8: tl.constexpr, STORE_ACT: tl.constexpr, BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, HW_CAST: tl.constexpr,
 ):
-    """One row: act = silu(gate) * up, gate/up summed over the split-K partials first."""
+    """One row: act = silu(gate) * up, gate/up summed over the split-K partials first.
+
+    With QUANT_FP8 the per-token fp8 copy is made from the rounded act: from registers when the
+    row fits one BLOCK (and then, without STORE_ACT, act is never written in its own dtype: no
+    block of the next GEMM reads it), else from the stored row.
+    """
     row = tl.program_id(0).to(tl.int64)
     if tl.load(slot_expert_ptr + row) < 0:
         return  # slot of another rank's expert: GEMM1 left it unwritten, GEMM2 never reads it
     src = gate_up_ptr + row * 2 * inter
     dst = act_ptr + row * inter
     amax = tl.zeros((BLOCK,), tl.float32)
+    act = tl.zeros((BLOCK,), act_ptr.dtype.element_ty)
     for c0 in range(0, inter, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         ok = cols < inter
@@ -84,20 +105,30 @@ def _silu_and_mul_kernel(
         for s in range(SPLIT_K):
             gate += tl.load(src + s * split_stride + cols, mask=ok, other=0.0).to(tl.float32)
             up += tl.load(src + s * split_stride + inter + cols, mask=ok, other=0.0).to(tl.float32)
-        act = gate / (1.0 + tl.exp(-gate)) * up
-        tl.store(dst + cols, act.to(act_ptr.dtype.element_ty), mask=ok)
-        amax = tl.maximum(amax, tl.abs(act))
+        act = (gate / (1.0 + tl.exp(-gate)) * up).to(act_ptr.dtype.element_ty)
+        if STORE_ACT:
+            tl.store(dst + cols, act, mask=ok)
+        amax = tl.maximum(amax, tl.abs(act.to(tl.float32)))
     if QUANT_FP8:
-        tl.debug_barrier()  # the row just stored is read back by other threads
-        _quantize_row_fp8(dst, q_ptr + row * inter, scale_ptr, row, inter, tl.max(amax, axis=0), BLOCK)
+        if ONE_BLOCK:
+            scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0  # format.FP8_MAX
+            tl.store(scale_ptr + row, scale)
+            cols = tl.arange(0, BLOCK)
+            q = to_e4m3(tl.clamp(act.to(tl.float32) / scale, -448.0, 448.0), HW_CAST)
+            tl.store(q_ptr + row * inter + cols, q, mask=cols < inter)
+        else:
+            tl.debug_barrier()  # the row just stored is read back by other threads
+            _quantize_row_fp8(dst, q_ptr + row * inter, scale_ptr, row, inter, tl.max(amax, axis=0), BLOCK, HW_CAST)
 
 
 def silu_and_mul(
-    gate_up: torch.Tensor, slot_expert: torch.Tensor, out_dtype: torch.dtype, quantize_fp8: bool
+    gate_up: torch.Tensor, slot_expert: torch.Tensor, out_dtype: torch.dtype, quantize_fp8: bool,
+    store_act: bool = True,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """gate_up [S, R, 2I] (S split-K partials, summed here) -> act [R, I] (+ its per-token fp8 copy).
 
-    Rows whose slot_expert [R] is -1 (not a local expert) are skipped.
+    Rows whose slot_expert [R] is -1 (not a local expert) are skipped. ``store_act=False`` (with
+    quantize_fp8, when only the fp8 copy is read) leaves act unwritten where a row fits one block.
     """
     splits, rows, two_inter = gate_up.shape
     inter = two_inter // 2
@@ -108,12 +139,15 @@ def silu_and_mul(
         q = torch.empty(rows, inter, dtype=FP8_DTYPE, device=gate_up.device)
         scale = torch.empty(rows, dtype=torch.float32, device=gate_up.device)
         fp8 = (q, scale)
+    block = min(2048, triton.next_power_of_2(inter))
+    one_block = block >= inter
     if rows:
         _silu_and_mul_kernel[(rows,)](
             gate_up, slot_expert, act, q, scale, inter, rows * two_inter,
-            SPLIT_K=splits, QUANT_FP8=quantize_fp8, BLOCK=min(2048, triton.next_power_of_2(inter)),
+            SPLIT_K=splits, QUANT_FP8=quantize_fp8, STORE_ACT=store_act or not (quantize_fp8 and one_block),
+            BLOCK=block, ONE_BLOCK=one_block, HW_CAST=not interpreting(),
         )
     return act, fp8
 
 
-__all__ = ["quantize_fp8_per_token", "silu_and_mul", "round_to_e4m3_grid"]
+__all__ = ["quantize_fp8_per_token", "silu_and_mul", "round_to_e4m3_grid", "to_e4m3"]

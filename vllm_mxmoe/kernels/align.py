@@ -150,6 +150,9 @@ def _align_one_program_kernel(
     tl.store(sorted_ids_ptr + row, slots, mask=expert >= 0)
 
 
+# The one-program kernels (whole alignment in decode, block map otherwise) run alone on one SM and are
+# bound by their [slots, experts] / [blocks, experts] comparisons: all of that SM's warps, not 4.
+SINGLE_PROGRAM_WARPS = 16
 # Slots x experts (and slots x slots) up to which the one-program alignment is used.
 ONE_PROGRAM_MAX_SLOTS = 128
 ONE_PROGRAM_MAX_CELLS = 128 * 256
@@ -197,6 +200,7 @@ def align_routing(
             num_experts, num_slots, max_rows, block_expert.numel(),
             HAS_EXPERT_MAP=expert_map is not None, BLOCK_M=block_m, S_POW2=s_pow2, E_POW2=e_pow2,
             ROWS_PER_STEP=1024, BLOCKS_PER_STEP=max(16, min(128, 8192 // e_pow2)),
+            num_warps=SINGLE_PROGRAM_WARPS,
         )
         return AlignedRouting(sorted_ids, block_expert, num_blocks, slot_expert[:num_slots], num_slots, block_m)
 
@@ -213,7 +217,7 @@ def align_routing(
         BLOCK_M=block_m,
         E_POW2=triton.next_power_of_2(num_experts),
         BLOCKS_PER_STEP=max(16, min(128, 8192 // triton.next_power_of_2(num_experts))),
-        EXPERTS_PER_STEP=max(1, 4096 // block_m),
+        EXPERTS_PER_STEP=max(1, 4096 // block_m), num_warps=SINGLE_PROGRAM_WARPS,
     )
     _scatter_kernel[grid](slot_expert, rank, expert_start, sorted_ids, num_slots, BLOCK=step)
     return AlignedRouting(sorted_ids, block_expert, num_blocks, slot_expert[:num_slots], num_slots, block_m)

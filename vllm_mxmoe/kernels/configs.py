@@ -49,9 +49,9 @@ class GemmConfig:
 # the <= 128-row bucket takes the same BLOCK_K and stages: its own sweep (1024 tokens, 2026-11-30) found
 # 8 warps / 3 stages 1.03-1.16x faster on gate_up but 1.07x slower on down, and a bucket has one config.
 TILE_TABLE: list[tuple[float, GemmConfig]] = [
-    (4, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
-    (16, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
-    (48, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)),
+    (4, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True)),
+    (16, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True)),
+    (48, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True)),
     (128, GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=2)),
     (math.inf, GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=2)),
 ]

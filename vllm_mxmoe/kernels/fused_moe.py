@@ -120,7 +120,8 @@ def mxmoe_fused_experts(
         gate_up = csrc_ext.w4_gemv(x, w13, routing, a_row_div=topk)
     else:
         gate_up = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x_fp8)
-    act, act_fp8 = silu_and_mul(gate_up, routing.slot_expert, x.dtype, quantize_fp8=needs_fp8_activations(w2))
+    act, act_fp8 = silu_and_mul(gate_up, routing.slot_expert, x.dtype, quantize_fp8=needs_fp8_activations(w2),
+                                store_act=any(s.act != "fp8" for s in w2.schemes))
     flat_weights = topk_weights.reshape(-1)
     if use_csrc and csrc_ext.supports(w2, act, cfg2.block_m):
         down = csrc_ext.w4_gemv(act, w2, routing, routed_weights=flat_weights)
