@@ -31,6 +31,8 @@ Configurations (names for --only):
   seed1-ablation-3.25-holdout      ablation-3.25-holdout with Hadamard/sampling seed 1
   {gptq-w2g128,mxmoe-2.25-r1,ablation-2.25-model-budget-fisher,gptq-w3g128,mxmoe-3.25-r1}-damp0.1
                                    those rows with GPTQ dampening 0.1 instead of 0.01
+  {gptq-w2g128,ablation-2.25-model-budget-fisher}-damp0.1-refit2
+                                   those rows with --refit-scales 2 (least-squares scales on GPTQ's codes)
 
 Every quantized configuration uses the pipeline's defaults (MSE clipping search
 of the grids, one ILP per layer) unless its row says otherwise; the uniform GPTQ
@@ -114,6 +116,9 @@ def configurations() -> dict[str, dict | None]:
     damp = {"percdamp": 0.1}
     for name in ("gptq-w2g128", "mxmoe-2.25-r1", "ablation-2.25-model-budget-fisher", "gptq-w3g128", "mxmoe-3.25-r1"):
         configs[f"{name}-damp0.1"] = {**configs[name], **damp}
+    # GPTQ's scales re-solved by least squares on its codes, twice with a GPTQ pass between (--refit-scales 2)
+    for name in ("gptq-w2g128-damp0.1", "ablation-2.25-model-budget-fisher-damp0.1"):
+        configs[f"{name}-refit2"] = {**configs[name], "refit_rounds": 2}
     # GPTQ in model order (Hessians through the already quantized layers), baselines included
     for name in ("gptq-w2g128", "mxmoe-2.25-r1", "gptq-w3g128", "mxmoe-3.25-r1"):
         configs[f"{name}-seq"] = {**configs[name], "sequential": True}
@@ -135,6 +140,7 @@ def describe(options: dict | None) -> dict:
             "clip": "-",
             "percdamp": "-",
             "sequential": "-",
+            "refit_rounds": "-",
         }
     fixed = options.get("scheme_map")
     return {
@@ -154,6 +160,7 @@ def describe(options: dict | None) -> dict:
         "clip": options.get("clip", DEFAULT_CLIP),
         "percdamp": options.get("percdamp", DEFAULT_PERCDAMP),
         "sequential": options.get("sequential", False),
+        "refit_rounds": options.get("refit_rounds", 0),
     }
 
 

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"GPTQ dampening as a share of the Hessian's mean diagonal (default {DEFAULT_PERCDAMP})",
     )  # fmt: skip
     mx.add_argument(
+        "--refit-scales", type=int, default=0, metavar="ROUNDS",
+        help="after GPTQ, re-solve each row's group scales by least squares on its codes (output "
+        "error under the Hessian), ROUNDS times, with another GPTQ pass between rounds (default 0: off)",
+    )  # fmt: skip
+    mx.add_argument(
         "--sequential", action="store_true",
         help="GPTQ in model order: each MoE layer's Hessians come from the already quantized layers "
         "before it (GPTQ's own loop), not from the unquantized model; three more passes of the "
@@ -225,6 +230,7 @@ def run_pipeline(args: argparse.Namespace) -> str:
         sample_tokens=args.sample_tokens, holdout=args.holdout, cache_dir=args.cache_dir, device=args.device,
         budget_scope=args.budget_scope, clip=args.clip, layer_weights=args.layer_weights,
         hessian_weights=args.hessian_weights, percdamp=args.percdamp, sequential=args.sequential,
+        refit_rounds=args.refit_scales,
     )  # fmt: skip
     report = result.report
     print(

@@ -122,6 +122,7 @@ def run_gptq(
     act_order: bool = True,
     static_groups: bool = True,
     clip: str = "minmax",
+    refit_rounds: int = 0,
 ) -> GPTQResult:
     """Run GPTQ on `w` [N, K] (any float dtype, any device) with Hessian [K, K].
 
@@ -134,6 +135,8 @@ def run_gptq(
     clip: "minmax" (each group's grid spans its range) or "mse" (each static
         group's range is clipped to minimise its Hessian-diagonal-weighted
         rounding error, ``quant_grid.fit_grid_mse``).
+    refit_rounds: after the pass, this many rounds of ``refit_scales``, each
+        but the last followed by another GPTQ pass on the refitted grid.
     """
     if clip not in CLIP_MODES:
         raise ValueError(f"GPTQ: clip must be one of {CLIP_MODES}, got {clip!r}")
@@ -164,7 +167,58 @@ def run_gptq(
     else:
         grid = _Grid.fitted(weight, scheme, clip, importance)
     quantized = _gptq_pass(weight[:, order], hinv, order.tolist(), grid, block_size, dynamic)
-    return GPTQResult(quantized[:, torch.argsort(order)], grid.scale, grid.zero, scheme, used_rtn=False)
+    result = GPTQResult(quantized[:, torch.argsort(order)], grid.scale, grid.zero, scheme, used_rtn=False)
+    for round_ in range(refit_rounds):
+        result = refit_scales(weight, hessian, result)
+        if round_ + 1 < refit_rounds:  # GPTQ again, its codes chosen on the refitted grid
+            zero = None if result.zero is None else result.zero.clone()
+            grid = _Grid(scheme, grid.group, result.scale.clone(), zero)
+            quantized = _gptq_pass(weight[:, order], hinv, order.tolist(), grid, block_size, False)
+            unpermuted = quantized[:, torch.argsort(order)]
+            result = GPTQResult(unpermuted, grid.scale, grid.zero, scheme, used_rtn=False)
+    return result
+
+
+def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, result: GPTQResult) -> GPTQResult:
+    """GPTQ's codes with each row's group scales re-solved by least squares under H.
+
+    GPTQ fixes the grid before it rounds; once the codes are known, the scales that
+    minimise the row's output error (w - A s)^T H (w - A s), A[k, g] = (code_k - zero_g)
+    for k in group g, are one small linear solve per row. Codes and zero points stay
+    (the kernels need integer zero points), scales are rounded to fp16 as stored, and
+    a row keeps its old scales unless the new ones lower its error. fp8 and RTN results
+    are returned unchanged.
+    """
+    scheme = result.scheme
+    if scheme.weight_is_fp8 or result.used_rtn:
+        return result
+    w = as_float_weight(weight, scheme).float()
+    n, k = w.shape
+    group = scheme.group(k)
+    groups = k // group
+    h = _checked_hessian(hessian, w).float()
+    scale = result.scale.float()
+    zero = result.zero.float() if result.zero is not None else torch.full_like(scale, 1 << (scheme.bits - 1))
+    scale_col = scale.repeat_interleave(group, dim=1)
+    zero_col = zero.repeat_interleave(group, dim=1)
+    rounded = torch.round(result.fake_quantized / scale_col.clamp(min=1e-30) + zero_col)
+    codes = torch.where(scale_col > 0, rounded, zero_col)
+    d = (codes - zero_col).reshape(n, groups, group)
+    h_blocks = h.reshape(groups, group, groups, group).permute(0, 2, 1, 3)  # [G, G, g, g]
+    gram = torch.einsum("nai,abij,nbj->nab", d, h_blocks, d)
+    rhs = torch.einsum("nai,nai->na", d, (w @ h).reshape(n, groups, group))
+    ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
+    eye = torch.eye(groups, dtype=gram.dtype)
+    solved = torch.linalg.solve_ex(gram + ridge[:, None, None] * eye, rhs.unsqueeze(-1))[0].squeeze(-1)
+    new = solved.to(torch.float16).float()
+
+    def error(sc):  # (w - A s)^T H (w - A s) without the constant w^T H w
+        return -2 * (sc * rhs).sum(1) + torch.einsum("na,nab,nb->n", sc, gram, sc)
+
+    better = torch.isfinite(new).all(1) & (new > 0).all(1) & (error(new) < error(scale))
+    scale = torch.where(better[:, None], new, scale)
+    fake = d.reshape(n, k) * scale.repeat_interleave(group, dim=1)
+    return GPTQResult(fake, scale.to(torch.float16), result.zero, scheme, used_rtn=False)
 
 
 def _checked_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,8 @@ class QuantizeOptions:
     # weighted by its squared routing weight (the MoE layer's output error, as Δ measures it)
     hessian_weights: str = DEFAULT_HESSIAN_WEIGHTS
     percdamp: float = DEFAULT_PERCDAMP  # GPTQ dampening, a share of the Hessian's mean diagonal
+    # least-squares scale refits after GPTQ (gptq.refit_scales), GPTQ re-run between them
+    refit_rounds: int = 0
     # GPTQ Hessians from the already quantized layers before each MoE layer (sequential.py)
     # instead of the unquantized model's profile
     sequential: bool = False
@@ -179,6 +181,12 @@ class QuantizeOptions:
             )
         if not self.percdamp > 0:
             raise PipelineError(f"--percdamp must be positive, got {self.percdamp}")
+        if not (isinstance(self.refit_rounds, int) and self.refit_rounds >= 0):
+            raise PipelineError(f"--refit-scales must be a whole number >= 0, got {self.refit_rounds!r}")
+        if self.refit_rounds and self.method != "gptq":
+            raise PipelineError(
+                f"--refit-scales refits GPTQ's grid; it needs --method gptq, not {self.method!r}"
+            )
         if self.hessian_weights not in HESSIAN_WEIGHTS:
             raise PipelineError(
                 f"--hessian-weights must be one of {', '.join(HESSIAN_WEIGHTS)}, got {self.hessian_weights!r}"
@@ -364,7 +372,9 @@ class _Pipeline:
 
         def path_of(scheme: str) -> Path:
             damp = {"percdamp": o.percdamp} if o.percdamp != DEFAULT_PERCDAMP else {}  # old keys stay valid
-            key = _hash({"profile": store.folder.name, "scheme": scheme, "method": o.method, "clip": o.clip, **damp})
+            refit = {"refit_rounds": o.refit_rounds} if o.refit_rounds else {}
+            key = _hash({"profile": store.folder.name, "scheme": scheme, "method": o.method, "clip": o.clip,
+                         **damp, **refit})
             return self.cache / f"sensitivity-{key}.pt"
 
         per_scheme: dict[str, dict[str, np.ndarray]] = {}
@@ -382,7 +392,7 @@ class _Pipeline:
                     experts = layer.experts
                     computed[layer.prefix] = layer_sensitivity(
                         experts.gate_up_proj, experts.down_proj, experts.act_fn,
-                        store.load(layer.prefix), missing, o.method, bar, o.clip, o.percdamp,
+                        store.load(layer.prefix), missing, o.method, bar, o.clip, o.percdamp, o.refit_rounds,
                     )  # fmt: skip
             path_of(missing[0]).parent.mkdir(parents=True, exist_ok=True)
             for i, scheme in enumerate(missing):
@@ -494,7 +504,7 @@ class _Pipeline:
 
         def quantize(moe: MoELayer, unit: str, expert: int, weight, hessian) -> QuantizedUnit:
             return quantize_unit(weight.float(), hessian, parse_scheme(schemes[moe.prefix][unit][expert]),
-                                 self.opts.method, self.opts.clip, self.opts.percdamp)
+                                 self.opts.method, self.opts.clip, self.opts.percdamp, self.opts.refit_rounds)
 
         return quantize_in_model_order(model, moe_layers, fit, quantize, self.opts.batch_size,
                                        self.opts.hessian_weights)
@@ -534,7 +544,7 @@ class _Pipeline:
             hessian = (profile.gate_up_hessian if unit == "gate_up" else profile.down_hessian)[expert]
         return quantize_unit(
             weight.float(), hessian.to(weight.device), parse_scheme(scheme), self.opts.method, self.opts.clip,
-            self.opts.percdamp,
+            self.opts.percdamp, self.opts.refit_rounds,
         )
 
     def _export(self, model, rotation, layers: list[LayerResult], packed: dict[str, QuantizedWeight]) -> None:

@@ -61,6 +61,7 @@ def quantize_unit(
     method: str,
     clip: str = "minmax",
     percdamp: float = DEFAULT_PERCDAMP,
+    refit_rounds: int = 0,
 ) -> QuantizedUnit:
     """GPTQ (with ``hessian``; RTN when it holds no sample) or RTN of one unit's weight [N, K].
 
@@ -70,7 +71,7 @@ def quantize_unit(
     Hessian diagonal when the Hessian has samples).
     """
     if method == "gptq":
-        result = run_gptq(w, hessian, scheme, clip=clip, percdamp=percdamp)
+        result = run_gptq(w, hessian, scheme, clip=clip, percdamp=percdamp, refit_rounds=refit_rounds)
         return QuantizedUnit(result.fake_quantized, result.scale, result.zero, scheme)
     if method == "rtn":
         diag = hessian.diagonal().float()
@@ -105,6 +106,7 @@ def layer_sensitivity(
     progress: tqdm | None = None,
     clip: str = "minmax",
     percdamp: float = DEFAULT_PERCDAMP,
+    refit_rounds: int = 0,
 ) -> np.ndarray:
     """Δ as an array [experts, 2 units (gate_up, down), schemes] (float64, >= 0).
 
@@ -131,7 +133,7 @@ def layer_sensitivity(
             for u, unit in enumerate(UNITS):
                 weight = w_gate_up if unit == "gate_up" else w_down
                 fake = quantize_unit(
-                    weight, hessians[unit].to(device), scheme, method, clip, percdamp
+                    weight, hessians[unit].to(device), scheme, method, clip, percdamp, refit_rounds
                 ).fake_quantized
                 y = (
                     expert_output(x, fake, w_down, act_fn)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from offline.gptq import HessianAccumulator, gptq_fake_quantize, gptq_quantize, run_gptq
+from offline.gptq import HessianAccumulator, gptq_fake_quantize, gptq_quantize, refit_scales, run_gptq
 from offline.quant_grid import (
     MIN_SCALE,
     fake_quantize,
@@ -319,3 +319,46 @@ def test_gptq_with_mse_clipping(layer, name):
     assert output_error(heavy, mse.fake_quantized, x) < output_error(heavy, minmax.fake_quantized, x)
     with pytest.raises(ValueError, match="clip"):
         run_gptq(weight, hessian, scheme, clip="percentile")
+
+
+def hessian_error(weight, fake, hessian):
+    d = (weight - fake).double()
+    return float(torch.einsum("nk,kl,nl->", d, hessian.double(), d))
+
+
+@pytest.mark.parametrize("name", ["w2g128", "w3g128", "w4g128_sym", "w2"])
+def test_refit_scales_keeps_codes_and_lowers_the_error(layer, name):
+    """Least-squares scales on GPTQ's codes: codes and zero points unchanged, each row's
+    error under H no larger (lower overall), the stored grid round-trips exactly, and
+    refit rounds with GPTQ passes between them keep lowering the error."""
+    weight, hessian, _ = layer
+    scheme = parse_scheme(name)
+    plain = run_gptq(weight, hessian, scheme, clip="mse")
+    refit = refit_scales(weight, hessian, plain)
+    group = scheme.group(K)
+
+    def codes(r):
+        return torch.round(r.fake_quantized / r.scale.float().repeat_interleave(group, 1))
+
+    assert torch.equal(codes(refit), codes(plain))
+    assert (refit.zero is None) == (plain.zero is None)
+    assert refit.zero is None or torch.equal(refit.zero, plain.zero)
+    assert not torch.equal(refit.scale, plain.scale)
+    assert torch.equal(dequantize(refit.to_quantized_weight(), K), refit.fake_quantized)
+    d_plain, d_refit = weight - plain.fake_quantized, weight - refit.fake_quantized
+    rows_plain = torch.einsum("nk,kl,nl->n", d_plain.double(), hessian.double(), d_plain.double())
+    rows_refit = torch.einsum("nk,kl,nl->n", d_refit.double(), hessian.double(), d_refit.double())
+    assert (rows_refit <= rows_plain * (1 + 1e-5)).all()
+    assert rows_refit.sum() < 0.995 * rows_plain.sum()
+    two = run_gptq(weight, hessian, scheme, clip="mse", refit_rounds=2)
+    err_two, err_one = (hessian_error(weight, r.fake_quantized, hessian) for r in (two, refit))
+    assert err_two <= err_one
+    assert torch.equal(dequantize(two.to_quantized_weight(), K), two.fake_quantized)
+
+
+def test_refit_scales_leaves_rtn_and_fp8_alone(layer):
+    weight, hessian, _ = layer
+    fp8 = run_gptq(weight, hessian, parse_scheme("w8a8fp8"))
+    assert refit_scales(weight, hessian, fp8) is fp8
+    unseen = run_gptq(weight, torch.zeros_like(hessian), parse_scheme("w2g128"))
+    assert unseen.used_rtn and refit_scales(weight, torch.zeros_like(hessian), unseen) is unseen

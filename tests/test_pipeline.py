@@ -165,6 +165,23 @@ def test_percdamp_reaches_gptq_and_keys_the_sensitivity_cache(run, source, calib
     assert damped.stages["sensitivity"] == "computed" and seen == {0.1}
     with pytest.raises(PipelineError, match="percdamp"):
         quantize_mxmoe(source, calib, tmp_path / "bad", wbits=3.25, percdamp=0.0, **FAST)
+    # --refit-scales the same way: every GPTQ call gets it, and Δ measured without it is not reused
+    seen.clear()
+    refits = set()
+
+    def recording_refit(*args, **kwargs):
+        refits.add(args[6] if len(args) > 6 else kwargs.get("refit_rounds", 0))
+        return recording(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "quantize_unit", recording_refit)
+    monkeypatch.setattr(sensitivity_module, "quantize_unit", recording_refit)
+    refit = quantize_mxmoe(source, calib, tmp_path / "r", wbits=3.25, r=1.0, percdamp=0.1, refit_rounds=1,
+                           cache_dir=str(cache), **FAST)
+    assert refit.stages["sensitivity"] == "computed" and refits == {1}
+    bad_options = (({"refit_rounds": -1}, "refit-scales"), ({"refit_rounds": 1, "method": "rtn"}, "gptq"))
+    for bad, match in bad_options:
+        with pytest.raises(PipelineError, match=match):
+            quantize_mxmoe(source, calib, tmp_path / "bad", wbits=3.25, **bad, **FAST)
 
 
 def test_model_budget_scope_moves_bits_between_layers(run, source, calib, tmp_path):
