@@ -33,8 +33,8 @@ def round_to_e4m3_grid(x):
 @triton.jit
 def to_e4m3(x, HW_CAST: tl.constexpr):
     """fp32 (|x| <= 448) -> e4m3, rounded to nearest even: the hardware cast on the GPU (one cvt
-    per pair; the hand rounding cost the fp8 SiLU kernel ~40% of its time at 8192 tokens), the
-    hand rounding under the interpreter (HW_CAST = not configs.interpreting())."""
+    per pair; the hand rounding cost the fp8 SiLU kernel 14 of its 121 us at 8192 tokens on an
+    H200), the hand rounding under the interpreter (HW_CAST = not configs.interpreting())."""
     if HW_CAST:
         return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
     return round_to_e4m3_grid(x).to(tl.float8e4nv)

@@ -453,6 +453,29 @@ def _frag_field(x, xh, i: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE:
 
 
 @triton.jit
+def _frag_fields4(x, xh, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr):
+    """Fields 0-3 of _frag_field, joined as (f0, f2), (f1, f3) like the 4-bit asm path's outputs."""
+    f0 = _frag_field(x, xh, 0, BITS, scale, nzero, DTYPE, SCALED)
+    f1 = _frag_field(x, xh, 1, BITS, scale, nzero, DTYPE, SCALED)
+    f2 = _frag_field(x, xh, 2, BITS, scale, nzero, DTYPE, SCALED)
+    f3 = _frag_field(x, xh, 3, BITS, scale, nzero, DTYPE, SCALED)
+    return tl.join(tl.join(f0, f2), tl.join(f1, f3))
+
+
+@triton.jit
+def _frag_fields8(x, xh, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr):
+    """Fields 0-7 of _frag_field, in _join8's order."""
+    return _join8(_frag_field(x, xh, 0, BITS, scale, nzero, DTYPE, SCALED),
+                  _frag_field(x, xh, 1, BITS, scale, nzero, DTYPE, SCALED),
+                  _frag_field(x, xh, 2, BITS, scale, nzero, DTYPE, SCALED),
+                  _frag_field(x, xh, 3, BITS, scale, nzero, DTYPE, SCALED),
+                  _frag_field(x, xh, 4, BITS, scale, nzero, DTYPE, SCALED),
+                  _frag_field(x, xh, 5, BITS, scale, nzero, DTYPE, SCALED),
+                  _frag_field(x, xh, 6, BITS, scale, nzero, DTYPE, SCALED),
+                  _frag_field(x, xh, 7, BITS, scale, nzero, DTYPE, SCALED))
+
+
+@triton.jit
 def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero, BITS: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
                            SCALED: tl.constexpr):
@@ -519,13 +542,9 @@ def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzer
         x = x >> h16
         xh = xh >> h16
         if BLOCK_K >= 64:
-            t = _join8(_frag_field(x, xh, 0, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 1, BITS, sc, nz, DTYPE, SCALED),
-                       _frag_field(x, xh, 2, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 3, BITS, sc, nz, DTYPE, SCALED),
-                       _frag_field(x, xh, 4, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 5, BITS, sc, nz, DTYPE, SCALED),
-                       _frag_field(x, xh, 6, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 7, BITS, sc, nz, DTYPE, SCALED))
+            t = _frag_fields8(x, xh, BITS, sc, nz, DTYPE, SCALED)
         else:
-            t = tl.join(tl.join(_frag_field(x, xh, 0, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 2, BITS, sc, nz, DTYPE, SCALED)),
-                        tl.join(_frag_field(x, xh, 1, BITS, sc, nz, DTYPE, SCALED), _frag_field(x, xh, 3, BITS, sc, nz, DTYPE, SCALED)))
+            t = _frag_fields4(x, xh, BITS, sc, nz, DTYPE, SCALED)
     return _fragment_tile_to_k_order(t, BLOCK_N, BLOCK_K, BITS)
 
 
@@ -720,7 +739,7 @@ def _int_weight_loop_fields(
         nzero = (-(zero + MAGIC)).to(a.dtype)
         if POST_SCALE:
             w = _dequant_tile_frag(w_ptr, words_per_row, k0, offs_n, n_mask, nzero, nzero, BITS, BLOCK_K,
-                                   BLOCK_N, a.dtype, USE_ASM, False)
+                                   BLOCK_N, a.dtype, USE_ASM, False)  # (the first nzero: an unused scale)
             scale32 = tl.load(s_ptr + offs_n * num_groups + g, mask=n_mask, other=0.0).to(tl.float32)
             if SWAP_AB:
                 acc_t += tl.dot(w, tl.trans(a)) * scale32[:, None]
