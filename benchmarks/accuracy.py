@@ -31,7 +31,7 @@ Configurations (names for --only):
   seed1-ablation-3.25-holdout      ablation-3.25-holdout with Hadamard/sampling seed 1
   {gptq-w2g128,mxmoe-2.25-r1,ablation-2.25-model-budget-fisher,gptq-w3g128,mxmoe-3.25-r1}-damp0.1
                                    those rows with GPTQ dampening 0.1 instead of 0.01
-  {gptq-w2g128,ablation-2.25-model-budget-fisher}-damp0.1-refit2
+  {gptq-w2g128,ablation-2.25-model-budget-fisher}-damp0.1-refit2, {,seed1-}{gptq-w3g128,mxmoe-3.25-r1}-refit2
                                    those rows with --refit-scales 2 (least-squares scales on GPTQ's codes)
 
 Every quantized configuration uses the pipeline's defaults (MSE clipping search
@@ -117,7 +117,8 @@ def configurations() -> dict[str, dict | None]:
     for name in ("gptq-w2g128", "mxmoe-2.25-r1", "ablation-2.25-model-budget-fisher", "gptq-w3g128", "mxmoe-3.25-r1"):
         configs[f"{name}-damp0.1"] = {**configs[name], **damp}
     # GPTQ's scales re-solved by least squares on its codes, twice with a GPTQ pass between (--refit-scales 2)
-    for name in ("gptq-w2g128-damp0.1", "ablation-2.25-model-budget-fisher-damp0.1"):
+    for name in ("gptq-w2g128-damp0.1", "ablation-2.25-model-budget-fisher-damp0.1", "gptq-w3g128", "mxmoe-3.25-r1",
+                 "seed1-gptq-w3g128", "seed1-mxmoe-3.25-r1"):
         configs[f"{name}-refit2"] = {**configs[name], "refit_rounds": 2}
     # GPTQ in model order (Hessians through the already quantized layers), baselines included
     for name in ("gptq-w2g128", "mxmoe-2.25-r1", "gptq-w3g128", "mxmoe-3.25-r1"):
