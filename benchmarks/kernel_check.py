@@ -47,7 +47,7 @@ from vllm_mxmoe.kernels.act_quant import quantize_fp8_per_token, silu_and_mul  #
 from vllm_mxmoe.kernels.fused_moe import gemm_key, mxmoe_fused_experts, select_configs  # noqa: E402
 from vllm_mxmoe.kernels.grouped_gemm import grouped_gemm, needs_fp8_activations  # noqa: E402
 from vllm_mxmoe.kernels.layout import ExpertGemmWeights, block_sizes, is_fragment_ordered  # noqa: E402
-from vllm_mxmoe.kernels.reference import fake_quant_fp8_per_token, reference_fused_experts  # noqa: E402
+from vllm_mxmoe.kernels.reference import fake_quant_fp8_per_token, reference_fused_experts, silu_mul  # noqa: E402
 from vllm_mxmoe.schemes import KNOWN_SCHEMES, parse_scheme  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -384,7 +384,7 @@ def check_fp8_copies() -> list[dict]:
         slot_expert = torch.zeros(n, dtype=torch.int32, device=DEVICE)
         slot_expert[::5] = -1  # other ranks' slots: skipped
         summed = parts.float().sum(0)
-        want = fake_quant_fp8_per_token((torch.nn.functional.silu(summed[:, :inter]) * summed[:, inter:]).to(DTYPE))
+        want = fake_quant_fp8_per_token(silu_mul(summed).to(DTYPE))
         live = slot_expert >= 0
         for store_act in (True, False):
             _, (q, scale) = silu_and_mul(parts, slot_expert, DTYPE, True, store_act=store_act)

@@ -24,6 +24,12 @@ def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).to(FP8_DTYPE).float() * scale
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up [..., 2I] (gate first), in its dtype: the expert MLP's activation."""
+    inter = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
+
+
 def expert_linear(x: torch.Tensor, weights: ExpertGemmWeights, e: int) -> torch.Tensor:
     """x [T, K] @ W_e^T in float32 for expert e, fp8 activations where its scheme says."""
     x = x.float()
@@ -49,11 +55,9 @@ def reference_fused_experts(
     num_tokens, hidden = hidden_states.shape
     out = torch.zeros(num_tokens, w2.n, dtype=torch.float32, device=hidden_states.device)
     ids = topk_ids if expert_map is None else expert_map[topk_ids.long()]
-    inter = w13.n // 2
 
     def expert_mlp(x: torch.Tensor, e: int) -> torch.Tensor:
-        gate_up = expert_linear(x, w13, e)
-        return expert_linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, e)
+        return expert_linear(silu_mul(expert_linear(x, w13, e)), w2, e)
 
     for e in range(w13.num_experts):
         if dense:
