@@ -35,12 +35,7 @@ from benchmarks import kernel_check as kc  # noqa: E402
 from vllm_mxmoe.kernels.fused_moe import mxmoe_fused_experts  # noqa: E402
 from vllm_mxmoe.kernels.reference import reference_fused_experts  # noqa: E402
 
-SHAPES = {
-    "qwen1.5-moe": dict(hidden=2048, inter=1408, experts=60, topk=4),
-    "deepseek-v2-lite": dict(hidden=2048, inter=1408, experts=64, topk=6),
-    "qwen3-30b-a3b": dict(hidden=2048, inter=768, experts=128, topk=8),
-    "mixtral-8x7b": dict(hidden=4096, inter=14336, experts=8, topk=2),
-}
+SHAPES = kc.LAYER_SHAPES
 TOKENS = (1, 16, 64, 256, 1024, 8192)
 COPIES = 2
 DTYPE = torch.bfloat16
@@ -132,7 +127,6 @@ class Ours:
             from vllm_mxmoe.kernels import csrc_ext
 
             csrc_ext.build()
-        kc.SHAPES[shape_name] = s
         layers = kc.make_layer(shape_name, assign.removesuffix("+csrc"))
         self.bits = kc.avg_bits(*layers)
         self.copies = kc.layer_copies(layers, COPIES)
@@ -195,7 +189,10 @@ def main():
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--ours", default="w4g128,mixed3.25,mix2,w8a8fp8")
     ap.add_argument("--procs", type=int, default=14)
+    ap.add_argument("--zipf-s", type=float, default=kc.ZIPF_S,
+                    help="routing skew: expert popularity ~ 1 / rank^s (0: uniform, as random-weight routers give)")
     args = ap.parse_args()
+    kc.ZIPF_S = args.zipf_s
     out_dir = os.environ.get("OUT", ".")
     lines, results = [], dict(rows=[], checks=[])
 
@@ -221,7 +218,7 @@ def main():
     t0 = time.time()
     emit(f"# baselines {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
          f"{torch.cuda.get_device_properties(0).name}, torch {torch.__version__}, triton {triton.__version__}, "
-         f"vllm {vllm.__version__}; CUDA-graph replay median, {COPIES} weight copies cycled")
+         f"vllm {vllm.__version__}; CUDA-graph replay median, {COPIES} weight copies cycled; routing Zipf s={kc.ZIPF_S}")
     tokens_list = [int(t) for t in args.tokens.split(",")]
     ours = args.ours.split(",")
     shapes = args.shapes.split(",")

@@ -52,14 +52,21 @@ from vllm_mxmoe.schemes import KNOWN_SCHEMES, parse_scheme  # noqa: E402
 
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
-SHAPES = {
+# The four MoE layer shapes; this script checks and times the first two unless --shapes says
+# otherwise (the other two compile tile configs of their own: slow), baselines.py and tile_sweep.py
+# take any of them.
+LAYER_SHAPES = {
     "qwen1.5-moe": dict(hidden=2048, inter=1408, experts=60, topk=4),
     "qwen3-30b-a3b": dict(hidden=2048, inter=768, experts=128, topk=8),
+    "deepseek-v2-lite": dict(hidden=2048, inter=1408, experts=64, topk=6),
+    "mixtral-8x7b": dict(hidden=4096, inter=14336, experts=8, topk=2),
 }
+SHAPES = dict(LAYER_SHAPES)
+DEFAULT_SHAPES = ("qwen1.5-moe", "qwen3-30b-a3b")
 CHECK_TOKENS = (1, 16, 256, 2048)
 TIME_TOKENS = (1, 16, 64, 256, 1024, 8192)
 SPLIT_TOKENS = (1, 16, 64, 256, 8192)
-ZIPF_S = 1.0
+ZIPF_S = 1.0  # routing skew of the timed layers; 0 = uniform (what random-weight routers give)
 LAYER_COPIES = 4  # > L2 (about 50 MB) for every timed layer
 TOL_BF16 = 2e-2  # bf16 operands (1e-3..1e-2) plus fp8 activations on some experts
 
@@ -649,14 +656,17 @@ def main():
                     help="use the inline-PTX dequant for split/table when it passed the checks")
     ap.add_argument("--table-tokens", default="1,4,16,64,256", help="rows per expert measured for the perf table")
     ap.add_argument("--table-schemes", default="w2g128,w3g128,w4g128,w8,w8a8fp8", help="schemes of the perf table")
-    ap.add_argument("--shapes", default=None, help="comma list of SHAPES keys (default: all)")
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help=f"comma list of {', '.join(LAYER_SHAPES)}")
     ap.add_argument("--time-tokens", default=None, help="token counts of the timing part (default: TIME_TOKENS)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     global SHAPES, TIME_TOKENS
     if args.cpu_smoke:
         cpu_smoke_setup()
-    if args.shapes:
+    if not args.cpu_smoke:
+        unknown = set(args.shapes.split(",")) - set(LAYER_SHAPES)
+        if unknown:
+            ap.error(f"unknown --shapes {', '.join(sorted(unknown))}: expected some of {', '.join(LAYER_SHAPES)}")
         SHAPES = {k: SHAPES[k] for k in args.shapes.split(",")}
     if args.time_tokens:
         TIME_TOKENS = tuple(int(t) for t in args.time_tokens.split(","))

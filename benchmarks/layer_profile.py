@@ -62,7 +62,9 @@ def main() -> None:
     ap.add_argument("--shape", default="qwen3-30b-a3b", help=f"one of {', '.join(kc.SHAPES)}")
     ap.add_argument("--assign", default="w4g128,mixed3.25,w8a8fp8", help="layer assignments (kernel_check names)")
     ap.add_argument("--tokens", default="1,16,64,8192")
+    ap.add_argument("--zipf-s", type=float, default=kc.ZIPF_S, help="routing skew (0: uniform)")
     args = ap.parse_args()
+    kc.ZIPF_S = args.zipf_s
     if not torch.cuda.is_available():
         sys.exit("layer_profile.py needs a CUDA GPU")
     if args.shape not in kc.SHAPES:

@@ -49,12 +49,12 @@ MAX_TILE = 128 * 128  # BLOCK_M x BLOCK_N; --max-tile raises it (e.g. 128 x 256 
 
 
 def candidates(
-    shipped: GemmConfig, n: int, k: int, groups: Sequence[int], swap_ab: bool = False, *,
+    shipped: GemmConfig, n: int, k: int, groups: Sequence[int], swap_ab: bool | str = False, *,
     block_n: Sequence[int] = BLOCK_N, block_k: Sequence[int] = BLOCK_K, stages: Sequence[int] = STAGES,
-    max_tile: int = MAX_TILE,
+    max_tile: int = MAX_TILE, split_k: Sequence[int] = SPLIT_K,
 ) -> list[GemmConfig]:
     """The shipped config first, then the grid around it (same BLOCK_M; BLOCK_M one step down in decode);
-    ``swap_ab`` adds each config with the tile computed as W x A^T."""
+    ``swap_ab`` adds each config with the tile computed as W x A^T ("only": only that one)."""
     block_ms = [shipped.block_m] + ([shipped.block_m // 2] if shipped.block_m >= 32 else [])
     out = [shipped]
     for bm, bn, bk, st in itertools.product(block_ms, block_n, block_k, stages):
@@ -62,13 +62,13 @@ def candidates(
         if bn > n or bm * bn > max_tile:
             continue
         for warps in (4, 8) if bm * bn >= 64 * 128 or bn == 256 else (2, 4) if bn <= 64 else (4,):
-            splits = sorted(set(SPLIT_K) | {shipped.split_k}) if bm <= 16 else (1,)
+            splits = sorted(set(split_k) | {shipped.split_k}) if bm <= 16 else (1,)
             for sk in splits:
                 if sk > k // bk:
                     continue
                 cfg = GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=st, split_k=sk,
                                  dequant=shipped.dequant)
-                for c in (cfg, replace(cfg, swap_ab=True)) if swap_ab else (cfg,):
+                for c in {False: (cfg,), True: (cfg, replace(cfg, swap_ab=True)), "only": (replace(cfg, swap_ab=True),)}[swap_ab]:
                     if c not in out:
                         out.append(c)
     return out
@@ -130,19 +130,23 @@ def main() -> None:
     ap.add_argument("--tokens", default="16,64,1,256", help="in priority order")
     ap.add_argument("--procs", type=int, default=15)
     ap.add_argument("--swap-ab", action="store_true", help="also time every config with GemmConfig.swap_ab")
+    ap.add_argument("--only-swap-ab", action="store_true", help="time every config with GemmConfig.swap_ab only")
     ap.add_argument("--block-n", default=",".join(map(str, BLOCK_N)), help="BLOCK_N values of the grid")
     ap.add_argument("--block-k", default=",".join(map(str, BLOCK_K)), help="BLOCK_K values of the grid")
     ap.add_argument("--stages", default=",".join(map(str, STAGES)), help="num_stages values of the grid")
     ap.add_argument("--max-tile", type=int, default=MAX_TILE, help="largest BLOCK_M x BLOCK_N tried")
+    ap.add_argument("--split-k", default=",".join(map(str, SPLIT_K)), help="split-K values of the grid (decode tiles)")
+    ap.add_argument("--zipf-s", type=float, default=kc.ZIPF_S, help="routing skew (0: uniform, as random-weight routers give)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop timing new cases after this many seconds")
     ap.add_argument("--compile-budget-s", type=float, default=200)
     args = ap.parse_args()
+    kc.ZIPF_S = args.zipf_s
     t0 = time.time()
     out_dir = Path(os.environ.get("OUT", "."))
     shapes, assigns = args.shapes.split(","), args.assign.split(",")
     grid = {"block_n": _ints(args.block_n), "block_k": _ints(args.block_k), "stages": _ints(args.stages),
-            "max_tile": args.max_tile}
-    todo = cases(shapes, assigns, _ints(args.tokens), args.swap_ab, **grid)
+            "max_tile": args.max_tile, "split_k": _ints(args.split_k)}
+    todo = cases(shapes, assigns, _ints(args.tokens), "only" if args.only_swap_ab else args.swap_ab, **grid)
     # One compile per (layer, GEMM, config): the token count is not a specialisation key.
     jobs = list({(sh, a, which, cfg): (sh, a, t, which, cfg) for sh, a, t, which, cfgs in todo for cfg in cfgs}.values())
     print(f"{len(todo)} cases, {len(jobs)} configs to compile", flush=True)

@@ -173,7 +173,12 @@ def test_store_block_round_trips_through_block():
 @pytest.mark.parametrize("one_program", [False, True])
 @pytest.mark.parametrize(
     "num_tokens,topk,num_experts,block_m,local",
-    [(1, 2, 4, 16, None), (37, 4, 8, 16, None), (20, 2, 6, 32, [2, -1, 0, -1, 1, -1])],
+    [
+        (1, 2, 4, 16, None),
+        (20, 2, 6, 32, [2, -1, 0, -1, 1, -1]),  # one program: ranks by comparison (<= 128 slots)
+        (37, 4, 8, 16, None),  # one program: ranks by atomic cursor
+        (300, 4, 8, 16, None),  # three kernels: two count + rank programs share hot experts
+    ],
 )
 def test_align_routing(num_tokens, topk, num_experts, block_m, local, one_program):
     gen = torch.Generator().manual_seed(num_tokens)
@@ -350,6 +355,10 @@ def test_config_selection():
     decode = select_gemm_config(1, 8, 128, 1536, 2048, [128])
     assert decode.block_m == 16 and 1 < decode.split_k <= 2048 // decode.block_k
     assert select_gemm_config(1, 8, 128, 2048, 256, [128]).split_k <= 256 // 128
+    # ... and never into programs of fewer than MIN_K_STEPS_PER_SPLIT K tiles (qwen3's down: 6 tiles).
+    assert select_gemm_config(1, 8, 128, 2048, 768, [128]).split_k == 1
+    # Few huge experts (Mixtral-8x7b gate_up at 1 token: 2 x 448 programs) are split anyway.
+    assert select_gemm_config(1, 2, 8, 28672, 4096, [128]).split_k == 3
     # Prefill: big tiles, no split.
     prefill = select_gemm_config(8192, 8, 128, 1536, 2048, [128])
     assert prefill.block_m == 128 and prefill.split_k == 1
@@ -375,7 +384,7 @@ def test_warmup_signatures_cover_every_token_count():
     for t in (1, 2, 3, 7, 16, 17, 100, 511, 512, 513, 2049, 4096):
         cfg1 = select_gemm_config(t, 8, 128, *g1[:2], list(g1[2]), sms=132)
         cfg2 = select_gemm_config(t, 8, 128, *g2[:2], list(g2[2]), sms=132, fp8_only=True)
-        sig = (cfg1, cfg2, warmup._align_variant(t * 8, 128))
+        sig = (cfg1, cfg2, warmup._align_variant(t * 8, 128, cfg1.block_m))
         assert sig in first and first[sig] <= t  # warmed at the smallest count that launches it
 
 

@@ -32,12 +32,11 @@ def enabled() -> bool:
     return os.environ.get("MXMOE_WARMUP", "1") != "0"
 
 
-def _align_variant(num_slots: int, num_experts: int) -> tuple:
+def _align_variant(num_slots: int, num_experts: int, block_m: int) -> tuple:
     """What changes the alignment kernels' constexprs (one-program: the padded slot count)."""
-    e_pow2 = 1 << max(num_experts - 1, 0).bit_length()
-    s_pow2 = 1 << max(num_slots - 1, 0).bit_length()
-    one = num_slots <= align_mod.ONE_PROGRAM_MAX_SLOTS and s_pow2 * e_pow2 <= align_mod.ONE_PROGRAM_MAX_CELLS
-    return ("one", s_pow2) if one else ("multi",)
+    if align_mod.uses_one_program(num_slots, num_experts, block_m):
+        return ("one", 1 << max(num_slots - 1, 0).bit_length())
+    return ("multi",)
 
 
 @functools.lru_cache(maxsize=64)
@@ -55,7 +54,7 @@ def signature_token_counts(
     for t in range(1, max_tokens + 1):
         cfg1 = select_gemm_config(t, topk, num_experts, *gemm1[:3], sms=sms, fp8_only=gemm1[3])
         cfg2 = select_gemm_config(t, topk, num_experts, *gemm2[:3], sms=sms, fp8_only=gemm2[3])
-        sig = (cfg1, cfg2, _align_variant(t * topk, num_experts))
+        sig = (cfg1, cfg2, _align_variant(t * topk, num_experts, cfg1.block_m))
         seen.setdefault(sig, t)
     return tuple((t, sig) for sig, t in seen.items())
 
