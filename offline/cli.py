@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         "error under the Hessian), ROUNDS times, with another GPTQ pass between rounds (default 0: off)",
     )  # fmt: skip
     mx.add_argument(
+        "--refine-codes", type=int, default=0, metavar="SWEEPS",
+        help="after GPTQ, SWEEPS sweeps of coordinate descent on the codes of 2-bit blocks: each code "
+        "moves one step where that lowers the output error under the Hessian (default 0: off)",
+    )  # fmt: skip
+    mx.add_argument(
         "--sequential", action="store_true",
         help="GPTQ in model order: each MoE layer's Hessians come from the already quantized layers "
         "before it (GPTQ's own loop), not from the unquantized model; three more passes of the "
@@ -230,7 +235,7 @@ def run_pipeline(args: argparse.Namespace) -> str:
         sample_tokens=args.sample_tokens, holdout=args.holdout, cache_dir=args.cache_dir, device=args.device,
         budget_scope=args.budget_scope, clip=args.clip, layer_weights=args.layer_weights,
         hessian_weights=args.hessian_weights, percdamp=args.percdamp, sequential=args.sequential,
-        refit_rounds=args.refit_scales,
+        refit_rounds=args.refit_scales, refine_sweeps=args.refine_codes,
     )  # fmt: skip
     report = result.report
     print(

@@ -61,7 +61,7 @@ from .calibration import (
     model_max_positions,
 )
 from .export import build_quant_config, export_checkpoint
-from .gptq import CLIP_MODES, DEFAULT_PERCDAMP
+from .gptq import CLIP_MODES, DEFAULT_PERCDAMP, REFINE_MAX_BITS
 from .ilp import (
     UNITS,
     LayerProblem,
@@ -140,6 +140,8 @@ class QuantizeOptions:
     percdamp: float = DEFAULT_PERCDAMP  # GPTQ dampening, a share of the Hessian's mean diagonal
     # least-squares scale refits after GPTQ (gptq.refit_scales), GPTQ re-run between them
     refit_rounds: int = 0
+    # coordinate-descent sweeps over GPTQ's codes of <= 2-bit blocks (gptq.refine_codes)
+    refine_sweeps: int = 0
     # GPTQ Hessians from the already quantized layers before each MoE layer (sequential.py)
     # instead of the unquantized model's profile
     sequential: bool = False
@@ -186,6 +188,12 @@ class QuantizeOptions:
         if self.refit_rounds and self.method != "gptq":
             raise PipelineError(
                 f"--refit-scales refits GPTQ's grid; it needs --method gptq, not {self.method!r}"
+            )
+        if not (isinstance(self.refine_sweeps, int) and self.refine_sweeps >= 0):
+            raise PipelineError(f"--refine-codes must be a whole number >= 0, got {self.refine_sweeps!r}")
+        if self.refine_sweeps and self.method != "gptq":
+            raise PipelineError(
+                f"--refine-codes refines GPTQ's codes; it needs --method gptq, not {self.method!r}"
             )
         if self.hessian_weights not in HESSIAN_WEIGHTS:
             raise PipelineError(
@@ -373,8 +381,10 @@ class _Pipeline:
         def path_of(scheme: str) -> Path:
             damp = {"percdamp": o.percdamp} if o.percdamp != DEFAULT_PERCDAMP else {}  # old keys stay valid
             refit = {"refit_rounds": o.refit_rounds} if o.refit_rounds else {}
+            refines = o.refine_sweeps and parse_scheme(scheme).bits <= REFINE_MAX_BITS  # Δ of other schemes is unchanged
+            refine = {"refine_sweeps": o.refine_sweeps} if refines else {}
             key = _hash({"profile": store.folder.name, "scheme": scheme, "method": o.method, "clip": o.clip,
-                         **damp, **refit})
+                         **damp, **refit, **refine})
             return self.cache / f"sensitivity-{key}.pt"
 
         per_scheme: dict[str, dict[str, np.ndarray]] = {}
@@ -393,6 +403,7 @@ class _Pipeline:
                     computed[layer.prefix] = layer_sensitivity(
                         experts.gate_up_proj, experts.down_proj, experts.act_fn,
                         store.load(layer.prefix), missing, o.method, bar, o.clip, o.percdamp, o.refit_rounds,
+                        o.refine_sweeps,
                     )  # fmt: skip
             path_of(missing[0]).parent.mkdir(parents=True, exist_ok=True)
             for i, scheme in enumerate(missing):
@@ -504,7 +515,8 @@ class _Pipeline:
 
         def quantize(moe: MoELayer, unit: str, expert: int, weight, hessian) -> QuantizedUnit:
             return quantize_unit(weight.float(), hessian, parse_scheme(schemes[moe.prefix][unit][expert]),
-                                 self.opts.method, self.opts.clip, self.opts.percdamp, self.opts.refit_rounds)
+                                 self.opts.method, self.opts.clip, self.opts.percdamp, self.opts.refit_rounds,
+                                 self.opts.refine_sweeps)
 
         return quantize_in_model_order(model, moe_layers, fit, quantize, self.opts.batch_size,
                                        self.opts.hessian_weights)
@@ -544,7 +556,7 @@ class _Pipeline:
             hessian = (profile.gate_up_hessian if unit == "gate_up" else profile.down_hessian)[expert]
         return quantize_unit(
             weight.float(), hessian.to(weight.device), parse_scheme(scheme), self.opts.method, self.opts.clip,
-            self.opts.percdamp, self.opts.refit_rounds,
+            self.opts.percdamp, self.opts.refit_rounds, self.opts.refine_sweeps,
         )
 
     def _export(self, model, rotation, layers: list[LayerResult], packed: dict[str, QuantizedWeight]) -> None:

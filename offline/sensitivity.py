@@ -62,6 +62,7 @@ def quantize_unit(
     clip: str = "minmax",
     percdamp: float = DEFAULT_PERCDAMP,
     refit_rounds: int = 0,
+    refine_sweeps: int = 0,
 ) -> QuantizedUnit:
     """GPTQ (with ``hessian``; RTN when it holds no sample) or RTN of one unit's weight [N, K].
 
@@ -71,7 +72,8 @@ def quantize_unit(
     Hessian diagonal when the Hessian has samples).
     """
     if method == "gptq":
-        result = run_gptq(w, hessian, scheme, clip=clip, percdamp=percdamp, refit_rounds=refit_rounds)
+        result = run_gptq(w, hessian, scheme, clip=clip, percdamp=percdamp, refit_rounds=refit_rounds,
+                          refine_sweeps=refine_sweeps)
         return QuantizedUnit(result.fake_quantized, result.scale, result.zero, scheme)
     if method == "rtn":
         diag = hessian.diagonal().float()
@@ -107,6 +109,7 @@ def layer_sensitivity(
     clip: str = "minmax",
     percdamp: float = DEFAULT_PERCDAMP,
     refit_rounds: int = 0,
+    refine_sweeps: int = 0,
 ) -> np.ndarray:
     """Δ as an array [experts, 2 units (gate_up, down), schemes] (float64, >= 0).
 
@@ -133,7 +136,7 @@ def layer_sensitivity(
             for u, unit in enumerate(UNITS):
                 weight = w_gate_up if unit == "gate_up" else w_down
                 fake = quantize_unit(
-                    weight, hessians[unit].to(device), scheme, method, clip, percdamp, refit_rounds
+                    weight, hessians[unit].to(device), scheme, method, clip, percdamp, refit_rounds, refine_sweeps
                 ).fake_quantized
                 y = (
                     expert_output(x, fake, w_down, act_fn)

@@ -178,10 +178,27 @@ def test_percdamp_reaches_gptq_and_keys_the_sensitivity_cache(run, source, calib
     refit = quantize_mxmoe(source, calib, tmp_path / "r", wbits=3.25, r=1.0, percdamp=0.1, refit_rounds=1,
                            cache_dir=str(cache), **FAST)
     assert refit.stages["sensitivity"] == "computed" and refits == {1}
-    bad_options = (({"refit_rounds": -1}, "refit-scales"), ({"refit_rounds": 1, "method": "rtn"}, "gptq"))
+    bad_options = (({"refit_rounds": -1}, "refit-scales"), ({"refit_rounds": 1, "method": "rtn"}, "gptq"),
+                   ({"refine_sweeps": -1}, "refine-codes"), ({"refine_sweeps": 1, "method": "rtn"}, "gptq"))
     for bad, match in bad_options:
         with pytest.raises(PipelineError, match=match):
             quantize_mxmoe(source, calib, tmp_path / "bad", wbits=3.25, **bad, **FAST)
+    # --refine-codes too; Δ is re-measured only for the 2-bit schemes it changes
+    refines, measured = set(), set()
+
+    def recording_refine(*args, **kwargs):
+        refines.add(args[7] if len(args) > 7 else kwargs.get("refine_sweeps", 0))
+        measured.add(args[2].name)
+        return recording(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "quantize_unit", recording_refine)
+    monkeypatch.setattr(sensitivity_module, "quantize_unit", recording_refine)
+    refined = quantize_mxmoe(source, calib, tmp_path / "cd", wbits=3.25, r=1.0, percdamp=0.1, refine_sweeps=1,
+                             cache_dir=str(cache), **FAST)
+    assert refined.stages["sensitivity"] == "computed" and refines == {1}
+    two_bit = {s for s in refined.report["options"]["schemes"] if parse_scheme(s).bits <= 2}
+    allocated = {e[unit]["scheme"] for entry in refined.report["layers"] for e in entry["experts"] for unit in ("gate_up", "down")}
+    assert two_bit <= measured <= two_bit | allocated
 
 
 def test_model_budget_scope_moves_bits_between_layers(run, source, calib, tmp_path):
