@@ -43,8 +43,9 @@ from .quant_grid import CLIP_MODES, as_float_weight, fit_grid, fit_grid_clipped,
 DEFAULT_PERCDAMP = 0.01
 DEFAULT_BLOCK_SIZE = 128
 # refine_codes runs on schemes of at most this many bits: on the reference model's dev split it
-# cut 2-bit models' perplexity increase by 16-20% but raised 3-bit ones' by 5-7%, where its
-# closer fit to the calibration Hessian costs more than it gains (RESULTS.md section 3).
+# cut the perplexity increase of 2.25-bit models by 12-20% but raised that of 3.25-bit ones by
+# 60-90% (every block refined), where its closer fit to the calibration Hessian costs more than
+# it gains (RESULTS.md section 3).
 REFINE_MAX_BITS = 2
 # Dampening tried after percdamp when the Cholesky factorisation fails.
 _DAMP_RETRIES = (0.1, 1.0, 10.0)
