@@ -155,11 +155,7 @@ def run_gptq(
     if act_order and not static_groups:
         raise ValueError("GPTQ: act_order needs static_groups (format v1 stores no g_idx)")
 
-    # Dead inputs (always 0 in calibration): H[i, i] = 1 decouples column i, so it
-    # is plainly rounded. Unlike reference GPTQ we keep (not zero) its weights: an
-    # input unseen in a small calibration set can still occur at inference.
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
+    _decouple_dead_inputs(h)
     importance = h.diagonal().float()  # before dampening: the columns' share of the output error
 
     k = weight.shape[1]
@@ -184,7 +180,7 @@ def run_gptq(
             quantized = _gptq_pass(weight[:, order], hinv, order.tolist(), grid, block_size, False)
             unpermuted = quantized[:, torch.argsort(order)]
             result = GPTQResult(unpermuted, grid.scale, grid.zero, scheme, used_rtn=False)
-    if scheme.bits <= REFINE_MAX_BITS:
+    if refines_codes_of(scheme):
         result = refine_codes(weight, hessian, result, refine_sweeps, percdamp)
     return result
 
@@ -252,8 +248,7 @@ def refine_codes(
     k = w.shape[1]
     group = scheme.group(k)
     h = _checked_hessian(hessian, w)
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
+    _decouple_dead_inputs(h)
     h = (h + percdamp * h.diagonal().mean() * torch.eye(k, dtype=h.dtype, device=h.device)).float()
     scale_col = result.scale.float().repeat_interleave(group, dim=1)
     if result.zero is not None:
@@ -283,6 +278,19 @@ def refine_codes(
             break
     fake = (codes - zero_col) * scale_col
     return GPTQResult(fake, result.scale, result.zero, scheme, used_rtn=False)
+
+
+def refines_codes_of(scheme: Scheme) -> bool:
+    """Whether run_gptq's ``refine_sweeps`` apply to blocks of ``scheme``."""
+    return not scheme.weight_is_fp8 and scheme.bits <= REFINE_MAX_BITS
+
+
+def _decouple_dead_inputs(h: torch.Tensor) -> None:
+    """Dead inputs (always 0 in calibration): H[i, i] = 1 decouples column i, so it
+    is plainly rounded. Unlike reference GPTQ we keep (not zero) its weights: an
+    input unseen in a small calibration set can still occur at inference."""
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
 
 
 def _checked_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ from .calibration import (
     model_max_positions,
 )
 from .export import build_quant_config, export_checkpoint
-from .gptq import CLIP_MODES, DEFAULT_PERCDAMP, REFINE_MAX_BITS
+from .gptq import CLIP_MODES, DEFAULT_PERCDAMP, refines_codes_of
 from .ilp import (
     UNITS,
     LayerProblem,
@@ -381,7 +381,7 @@ class _Pipeline:
         def path_of(scheme: str) -> Path:
             damp = {"percdamp": o.percdamp} if o.percdamp != DEFAULT_PERCDAMP else {}  # old keys stay valid
             refit = {"refit_rounds": o.refit_rounds} if o.refit_rounds else {}
-            refines = o.refine_sweeps and parse_scheme(scheme).bits <= REFINE_MAX_BITS  # Δ of other schemes is unchanged
+            refines = o.refine_sweeps and refines_codes_of(parse_scheme(scheme))  # Δ of other schemes is unchanged
             refine = {"refine_sweeps": o.refine_sweeps} if refines else {}
             key = _hash({"profile": store.folder.name, "scheme": scheme, "method": o.method, "clip": o.clip,
                          **damp, **refit, **refine})

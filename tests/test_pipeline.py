@@ -167,14 +167,22 @@ def test_percdamp_reaches_gptq_and_keys_the_sensitivity_cache(run, source, calib
         quantize_mxmoe(source, calib, tmp_path / "bad", wbits=3.25, percdamp=0.0, **FAST)
     # --refit-scales the same way: every GPTQ call gets it, and Δ measured without it is not reused
     seen.clear()
-    refits = set()
+    measured = set()
 
-    def recording_refit(*args, **kwargs):
-        refits.add(args[6] if len(args) > 6 else kwargs.get("refit_rounds", 0))
-        return recording(*args, **kwargs)
+    def record_argument(index: int, name: str) -> set:
+        """Patch quantize_unit to note its argument ``index`` (keyword ``name``) and the scheme."""
+        values = set()
 
-    monkeypatch.setattr(pipeline_module, "quantize_unit", recording_refit)
-    monkeypatch.setattr(sensitivity_module, "quantize_unit", recording_refit)
+        def record(*args, **kwargs):
+            values.add(args[index] if len(args) > index else kwargs.get(name, 0))
+            measured.add(args[2].name)
+            return recording(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline_module, "quantize_unit", record)
+        monkeypatch.setattr(sensitivity_module, "quantize_unit", record)
+        return values
+
+    refits = record_argument(6, "refit_rounds")
     refit = quantize_mxmoe(source, calib, tmp_path / "r", wbits=3.25, r=1.0, percdamp=0.1, refit_rounds=1,
                            cache_dir=str(cache), **FAST)
     assert refit.stages["sensitivity"] == "computed" and refits == {1}
@@ -184,15 +192,8 @@ def test_percdamp_reaches_gptq_and_keys_the_sensitivity_cache(run, source, calib
         with pytest.raises(PipelineError, match=match):
             quantize_mxmoe(source, calib, tmp_path / "bad", wbits=3.25, **bad, **FAST)
     # --refine-codes too; Δ is re-measured only for the 2-bit schemes it changes
-    refines, measured = set(), set()
-
-    def recording_refine(*args, **kwargs):
-        refines.add(args[7] if len(args) > 7 else kwargs.get("refine_sweeps", 0))
-        measured.add(args[2].name)
-        return recording(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "quantize_unit", recording_refine)
-    monkeypatch.setattr(sensitivity_module, "quantize_unit", recording_refine)
+    measured.clear()
+    refines = record_argument(7, "refine_sweeps")
     refined = quantize_mxmoe(source, calib, tmp_path / "cd", wbits=3.25, r=1.0, percdamp=0.1, refine_sweeps=1,
                              cache_dir=str(cache), **FAST)
     assert refined.stages["sensitivity"] == "computed" and refines == {1}
