@@ -33,7 +33,7 @@ Configurations (names for --only):
                                    those rows with GPTQ dampening 0.1 instead of 0.01
   {gptq-w2g128,ablation-2.25-model-budget-fisher}-damp0.1-refit2, {,seed1-}{gptq-w3g128,mxmoe-3.25-r1}-refit2
                                    those rows with --refit-scales 2 (least-squares scales on GPTQ's codes)
-  {gptq-w2g128,mxmoe-2.25-r1,ablation-2.25-model-budget-fisher}-damp0.1-cd2, {gptq-w2g128,mxmoe-2.25-r1,mxmoe-3.25-r1}-cd2
+  {gptq-w2g128,mxmoe-2.25-r1,ablation-2.25-model-budget-fisher}-damp0.1-cd2, {gptq-w2g128,mxmoe-2.25-r1,mxmoe-3.25-r1,seed1-mxmoe-3.25-r1}-cd2
                                    those rows with --refine-codes 2 (coordinate descent on 2-bit blocks' codes)
 
 Every quantized configuration uses the pipeline's defaults (MSE clipping search
@@ -124,7 +124,7 @@ def configurations() -> dict[str, dict | None]:
         configs[f"{name}-refit2"] = {**configs[name], "refit_rounds": 2}
     # two coordinate-descent sweeps over the codes of 2-bit blocks after GPTQ (--refine-codes 2)
     for name in ("gptq-w2g128-damp0.1", "mxmoe-2.25-r1-damp0.1", "ablation-2.25-model-budget-fisher-damp0.1",
-                 "gptq-w2g128", "mxmoe-2.25-r1", "mxmoe-3.25-r1"):
+                 "gptq-w2g128", "mxmoe-2.25-r1", "mxmoe-3.25-r1", "seed1-mxmoe-3.25-r1"):
         configs[f"{name}-cd2"] = {**configs[name], "refine_sweeps": 2}
     # GPTQ in model order (Hessians through the already quantized layers), baselines included
     for name in ("gptq-w2g128", "mxmoe-2.25-r1", "gptq-w3g128", "mxmoe-3.25-r1"):

@@ -69,7 +69,36 @@ def moe_layers(base: dict) -> list[int]:
     return [i for i in range(first_dense, base["num_hidden_layers"]) if i not in dense]
 
 
-def mxmoe_config(base: dict, gate_up_cycle: list[str], down_cycle: list[str]) -> dict:
+# The non-expert linears a GPTQ checkpoint quantizes too (vLLM's Marlin path runs them all in
+# w4g128), per architecture; "_lin4" variants quantize these in w4g128 so that both sides read
+# the same bytes outside the experts. Left in bf16 on both sides' terms: the router, Qwen1.5's
+# one-output shared_expert_gate, DeepSeek's kv_b_proj (MLA absorbs it at load) and its dense
+# first layer (intermediate 10944 is not a whole number of 128-groups).
+ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+NON_EXPERT_LINEARS = {
+    "qwen3_moe": ATTENTION,
+    "qwen2_moe": ATTENTION + [f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")],
+    "deepseek_v2": ["self_attn.q_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.o_proj"]
+    + [f"mlp.shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")],
+}
+
+
+def non_expert_linears(base: dict, scheme: str) -> dict[str, str]:
+    """Module name -> scheme for every quantizable non-expert linear of the MoE layers' blocks
+    (attention of every layer)."""
+    names = {}
+    moe = set(moe_layers(base))
+    for layer in range(base["num_hidden_layers"]):
+        for rel in NON_EXPERT_LINEARS[base["model_type"]]:
+            if rel.startswith("mlp.") and layer not in moe:
+                continue
+            names[f"model.layers.{layer}.{rel}"] = scheme
+    return names
+
+
+def mxmoe_config(base: dict, gate_up_cycle: list[str], down_cycle: list[str], linears: str | None = None) -> dict:
+    """MxMoE quantization config: expert schemes cycled over experts; ``linears``: also quantize the
+    non-expert linears in this scheme."""
     experts = {}
     n = num_experts(base)
     for layer in moe_layers(base):
@@ -77,8 +106,9 @@ def mxmoe_config(base: dict, gate_up_cycle: list[str], down_cycle: list[str]) ->
             [gate_up_cycle[(e + layer) % len(gate_up_cycle)] for e in range(n)],
             [down_cycle[(e + layer + 1) % len(down_cycle)] for e in range(n)],
         )
-    names = set(gate_up_cycle) | set(down_cycle)
-    return MxMoEQuantConfig(schemes={s: parse_scheme(s) for s in names}, experts=experts).to_dict()
+    lin = non_expert_linears(base, linears) if linears else {}
+    names = set(gate_up_cycle) | set(down_cycle) | set(lin.values())
+    return MxMoEQuantConfig(schemes={s: parse_scheme(s) for s in names}, experts=experts, linears=lin).to_dict()
 
 
 def write_all(out: Path, base: dict = QWEN15_MOE) -> dict[str, Path]:
@@ -90,6 +120,9 @@ def write_all(out: Path, base: dict = QWEN15_MOE) -> dict[str, Path]:
         "mxmoe_mixed225": mxmoe_config(base, MIXED_225, MIXED_225),
         "mxmoe_auto325": mxmoe_config(base, AUTO_325_GATE_UP, AUTO_325_DOWN),
         "mxmoe_wa_mix": mxmoe_config(base, WA_MIX, WA_MIX),
+        "mxmoe_w4g128_lin4": mxmoe_config(base, ["w4g128"], ["w4g128"], linears="w4g128"),
+        "mxmoe_mixed325_lin4": mxmoe_config(base, MIXED_325, MIXED_325, linears="w4g128"),
+        "mxmoe_mixed225_lin4": mxmoe_config(base, MIXED_225, MIXED_225, linears="w4g128"),
     }
     paths = {}
     for name, quant in variants.items():

@@ -22,7 +22,7 @@ from vllm_mxmoe.kernels.layout import ExpertGemmWeights, from_kernel_order, to_k
 from vllm_mxmoe.kernels.reference import expert_linear, reference_fused_experts  # noqa: E402
 from vllm_mxmoe.schemes import Scheme, parse_scheme  # noqa: E402
 
-_KERNEL_MODULES = ("act_quant", "align", "grouped_gemm", "fused_moe")
+_KERNEL_MODULES = ("act_quant", "align", "grouped_gemm", "fused_moe", "dense_linear")
 
 
 def _load_interpreted_kernels():
@@ -48,6 +48,8 @@ align_routing = _mods["align"].align_routing
 grouped_gemm = _mods["grouped_gemm"].grouped_gemm
 mxmoe_fused_experts = _mods["fused_moe"].mxmoe_fused_experts
 quantize_fp8_per_token = _mods["act_quant"].quantize_fp8_per_token
+quantized_linear = _mods["dense_linear"].quantized_linear
+DEQUANT_MIN_ROWS = _mods["dense_linear"].DEQUANT_MIN_ROWS
 from vllm_mxmoe.kernels.configs import GemmConfig  # noqa: E402
 
 DTYPE = torch.float16
@@ -223,8 +225,9 @@ def test_align_routing(num_tokens, topk, num_experts, block_m, local, one_progra
 )
 def test_grouped_gemm_mixed(schemes, k, cfg, dequant, swap_ab):
     # 2/3 (inline PTX) run their pure-Triton twins 1/3 here; swap_ab computes W x A^T.
-    from vllm_mxmoe.kernels.configs import fit_block_k
     from dataclasses import replace
+
+    from vllm_mxmoe.kernels.configs import fit_block_k
 
     cfg = replace(cfg, dequant=dequant, swap_ab=swap_ab)
 
@@ -251,6 +254,107 @@ def test_grouped_gemm_mixed(schemes, k, cfg, dequant, swap_ab):
         err = rel_err(got[slots], ref)
         print(f"expert {e} ({schemes[e]}): rel err {err:.2e}")
         assert err < tol, f"expert {e} ({schemes[e]}): rel err {err:.2e}"
+
+
+# Dense linears (kernels/dense_linear.py): the grouped kernel with one block and rows in order, or the weight
+# dequantized by the same tile code (fragment order from 128-groups, plain packing below).
+DENSE_SCHEMES = ["w4g128", "w3g128", "w2g128", "w8", "w4g128_sym", "w2", "w3g64", "w4g32", "w8a8fp8", "w4a8fp8"]
+
+
+@pytest.mark.parametrize("name", DENSE_SCHEMES)
+def test_dense_linear_matches_reference(name):
+    from dataclasses import replace
+
+    from vllm_mxmoe.kernels.configs import fit_block_k
+
+    gen = torch.Generator().manual_seed(len(name))
+    n, k = 48, 256  # N not a multiple of BLOCK_N
+    weights = make_weights([name], n, k, gen)
+    bias = torch.randn(n, generator=gen).to(DTYPE)
+    weight_only = weights.schemes[0].act == "none"
+    cases = [
+        (1, None, None),  # the decode tile: swap-AB, split-K
+        (19, GemmConfig(16, 32, 128, 4, 1, split_k=2), "kernel"),  # rows not a multiple of BLOCK_M, partials summed
+        (37, GemmConfig(32, 64, 128, 4, 1, dequant=0), "kernel"),  # a plain (v1 dequant) tile
+        (DEQUANT_MIN_ROWS, None, None),  # weight-only: dequantized once for a dense matmul; fp8: the kernel
+    ]
+    if weight_only:
+        cases.append((3, None, "dequant"))
+    for rows, cfg, path in cases:
+        if cfg is not None:
+            cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, weights.group_sizes()))
+        x = torch.randn(rows, k, generator=gen).to(DTYPE)
+        ref = expert_linear(x, weights, 0)
+        tol = FP8_TOL if not weight_only else WEIGHT_ONLY_TOL
+        got = quantized_linear(x, weights, config=cfg, path=path)
+        assert got.shape == (rows, n) and got.dtype == DTYPE
+        assert rel_err(got, ref) < tol, f"{name}, {rows} rows, {path}: rel err {rel_err(got, ref):.2e}"
+        with_bias = quantized_linear(x.reshape(1, rows, k), weights, bias, config=cfg, path=path)  # leading dims kept
+        assert with_bias.shape == (1, rows, n)
+        assert rel_err(with_bias[0], ref + bias.float()) < tol
+
+
+def test_dense_linear_rejects_bad_inputs():
+    gen = torch.Generator().manual_seed(1)
+    two = make_weights(["w4g128", "w4g128"], 32, 128, gen)
+    with pytest.raises(ValueError, match="one block"):
+        quantized_linear(torch.zeros(2, 128, dtype=DTYPE), two)
+    one = make_weights(["w4g128"], 32, 128, gen)
+    with pytest.raises(ValueError, match="bias"):
+        quantized_linear(torch.zeros(2, 128, dtype=DTYPE), one, torch.zeros(31, dtype=DTYPE))
+    with pytest.raises(ValueError, match="columns"):
+        quantized_linear(torch.zeros(2, 64, dtype=DTYPE), one)
+    with pytest.raises(ValueError, match="weight-only"):
+        _mods["dense_linear"].dequantize_weight(make_weights(["w8a8fp8"], 32, 128, gen), DTYPE)
+    assert quantized_linear(torch.zeros(0, 128, dtype=DTYPE), one).shape == (0, 32)
+
+
+def test_linear_warmup_compiles_each_config_once():
+    from vllm_mxmoe.kernels import warmup
+
+    gen = torch.Generator().manual_seed(2)
+    weights = make_weights(["w4g128"], 64, 256, gen)
+    top = DEQUANT_MIN_ROWS + 3
+    launches, _ = warmup.warm_up_linear(weights, max_tokens=top, dtype=DTYPE, has_bias=True)
+    expected = warmup.linear_signature_token_counts(top, 64, 256, (128,), True, 132)
+    assert launches == len(expected) > 2  # kernel tiles (and their K splits), then the dequantized weight
+    assert expected[-1] == (DEQUANT_MIN_ROWS, "dequant")
+    assert warmup.warm_up_linear(weights, max_tokens=top, dtype=DTYPE, has_bias=True)[0] == 0
+
+
+@pytest.mark.parametrize("name", ["w4g128", "w3g128", "w8"])
+def test_linear_method_runs_the_kernel_after_moving_weights(name, monkeypatch):
+    """The plugin's linear method: loaded format-v1 tensors move into the kernels' layout (what it
+    does on CUDA; called directly here, on CPU tensors the interpreter runs) and the forward goes
+    through the mxmoe::linear op, matching the dequantizing path of an untouched layer."""
+    from vllm_mxmoe.linear import MxMoELinearMethod
+
+    monkeypatch.setenv("MXMOE_WARMUP", "0")
+    scheme = parse_scheme(name)
+    gen = torch.Generator().manual_seed(4)
+    qw = rtn_quantize(torch.randn(80, 256, generator=gen) / 16, scheme)
+    tensors = {"weight_packed": qw.packed, "weight_scale": qw.scale, "weight_zero_point": qw.zero}
+    layers = []
+    for _ in range(2):
+        method = MxMoELinearMethod(scheme, "model.layers.0.self_attn.qkv_proj")
+        layer = torch.nn.Module()
+        method.create_weights(layer, 256, [48, 16, 16], 256, 80, DTYPE,
+                              weight_loader=lambda param, loaded, shard=None: param.data.copy_(loaded))
+        for suffix, param in layer.named_parameters():
+            param.weight_loader(param, tensors[suffix], "q")
+            param.weight_loader(param, tensors[suffix], "k")
+            param.weight_loader(param, tensors[suffix], "v")
+        method.process_weights_after_loading(layer)  # CPU: checks completeness, keeps format v1
+        layers.append((method, layer))
+    kernel_method, kernel_layer = layers[1]
+    kernel_method._to_kernel_layout(kernel_layer, dummy=False)
+    assert not hasattr(kernel_layer, "weight_packed"), "the format-v1 copy is dropped"
+    x = torch.randn(5, 256, generator=gen).to(DTYPE)
+    bias = torch.randn(80, generator=gen).to(DTYPE)
+    ref = layers[0][0].apply(layers[0][1], x, bias)
+    got = kernel_method.apply(kernel_layer, x, bias)
+    assert got.shape == ref.shape == (5, 80)
+    assert rel_err(got, ref) < WEIGHT_ONLY_TOL
 
 
 def test_fp8_per_token_matches_reference():
@@ -339,6 +443,24 @@ def test_zero_tokens_returns_empty():
     x = torch.empty(0, 128, dtype=DTYPE)
     out = mxmoe_fused_experts(x, w13, w2, torch.empty(0, 2), torch.empty(0, 2, dtype=torch.int32))
     assert out.shape == (0, 128)
+
+
+def test_dummy_weights_are_finite_and_zero_mean():
+    """Speed runs with load_format="dummy": every scheme's dequantized weights must be finite and
+    centred on zero like vLLM's own dummy weights, or hidden states drift and routing collapses (the old
+    fill, positive scales and a zero point of 1, gave 4-bit weights a mean of 1.3 standard deviations)."""
+    from vllm_mxmoe.kernels.layout import make_dummy_weights_sane
+
+    names = ["w4g128", "w3g128", "w2g128", "w8", "w8a8fp8", "w4g128_sym", "w2", "w4a8fp8"]
+    weights = ExpertGemmWeights.allocate([parse_scheme(n) for n in names], 128, 512)
+    weights.qweight.fill_(-1)  # all-ones bits: NaN fp8 bytes, the largest codes
+    torch.manual_seed(0)
+    make_dummy_weights_sane(weights)
+    for e, name in enumerate(names):
+        w = weights.dequantize_expert(e)
+        assert torch.isfinite(w).all(), name
+        assert w.abs().max() <= 1.01e-3, name
+        assert abs(w.mean().item()) < 0.25 * w.std().item(), f"{name}: mean {w.mean().item():.2e}, std {w.std().item():.2e}"
 
 
 # ---------------------------------------------------------------------------

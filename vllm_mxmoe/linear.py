@@ -1,15 +1,20 @@
-"""Linear method for quantized non-expert linears (shared experts, dense MLPs).
+"""Linear method for quantized non-expert linears (attention, shared experts, dense MLPs).
 
 One scheme per vLLM layer (fused gate_up / qkv shards share it). Parameters
 carry vLLM's classic ``output_dim`` / ``input_dim`` attributes so vLLM's own
 column/row-parallel loaders shard them: packing runs along the input dim in
 whole 32-element chunks, so a row-parallel slice of words is a slice of inputs.
+
+On CUDA the loaded tensors move into the MoE kernels' one-block layout
+(kernels/layout.py) and the forward is the grouped kernel with rows in order
+(kernels/dense_linear.py); elsewhere the weight is dequantized per forward.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from vllm.logger import init_logger
 from vllm.model_executor.utils import set_weight_attrs
 
 from . import compat
@@ -21,8 +26,11 @@ from .format import (
     dequantize,
     tensor_specs,
 )
+from .kernels.layout import ExpertGemmWeights, make_dummy_weights_sane
 from .kernels.reference import fake_quant_fp8_per_token
 from .schemes import Scheme
+
+logger = init_logger(f"vllm.{__name__}")
 
 
 class MxMoELinearMethod(compat.LinearMethodBase):
@@ -57,13 +65,21 @@ class MxMoELinearMethod(compat.LinearMethodBase):
             layer.register_parameter(suffix, param)
         layer.mxmoe_in_features = k
         layer.mxmoe_num_shards = len(output_partition_sizes)
+        layer.mxmoe_act_dtype = params_dtype
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if compat.is_dummy_load():
-            layer.weight_scale.data.uniform_(1e-3, 2e-3)
+        dummy = compat.is_dummy_load()
+        if not dummy:
+            self._check_complete(layer)
+        if layer.weight_packed.is_cuda:
+            self._to_kernel_layout(layer, dummy)
+        elif dummy:  # the dummy statistics of layout.make_dummy_weights_sane
+            largest_code = float(1 << (self.scheme.bits - 1)) if not self.scheme.weight_is_fp8 else 448.0
+            layer.weight_scale.data.uniform_(-1e-3 / largest_code, 1e-3 / largest_code)
             if hasattr(layer, WEIGHT_ZERO):
-                layer.weight_zero_point.data.fill_(1.0)
-            return
+                layer.weight_zero_point.data.fill_(largest_code)
+
+    def _check_complete(self, layer: torch.nn.Module) -> None:
         expected = tensor_specs(self.scheme, 1, layer.mxmoe_in_features)
         loaded = {suffix: len(shards) for suffix, shards in layer.mxmoe_loaded.items()}
         missing = [s for s in expected if loaded.get(s, 0) < layer.mxmoe_num_shards]
@@ -73,7 +89,34 @@ class MxMoELinearMethod(compat.LinearMethodBase):
                 f"(scheme {self.scheme.name})"
             )
 
+    def _to_kernel_layout(self, layer: torch.nn.Module, dummy: bool) -> None:
+        """Move the loaded tensors into a one-block ExpertGemmWeights (the kernels' order); the
+        format-v1 parameters are dropped, so the weight is held once."""
+        packed = layer.weight_packed.data
+        gemm = ExpertGemmWeights.allocate([self.scheme], packed.shape[0], layer.mxmoe_in_features, packed.device)
+        if dummy:
+            make_dummy_weights_sane(gemm)
+        else:
+            zero = getattr(layer, WEIGHT_ZERO, None)
+            gemm.store_block(0, QuantizedWeight(self.scheme, packed, layer.weight_scale.data,
+                                                None if zero is None else zero.data))
+        for suffix in tensor_specs(self.scheme, 1, layer.mxmoe_in_features):
+            delattr(layer, suffix)
+        layer.mxmoe_gemm_key = f"{self.prefix}#{id(layer)}"
+        _LINEARS[layer.mxmoe_gemm_key] = gemm
+        from .kernels import warmup
+
+        if warmup.enabled():
+            launches, seconds = warmup.warm_up_linear(gemm, compat.max_batched_tokens(), layer.mxmoe_act_dtype,
+                                                      has_bias=getattr(layer, "bias", None) is not None)
+            if launches:
+                logger.info("mxmoe %s: compiled %d kernel variants in %.1f s", self.prefix, launches, seconds)
+
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        key = getattr(layer, "mxmoe_gemm_key", None)
+        if key is not None:
+            # An opaque op, like the fused-MoE one: torch.compile must not trace the launch code.
+            return torch.ops.mxmoe.linear(x, bias, key)
         qw = QuantizedWeight(
             self.scheme, layer.weight_packed, layer.weight_scale, getattr(layer, WEIGHT_ZERO, None)
         )
@@ -93,3 +136,19 @@ def _recording_loader(layer: torch.nn.Module, suffix: str, vllm_loader):
 
     return load
 
+
+
+# One-block kernel weights by layer key, for the custom op (arguments: tensors and strings).
+_LINEARS: dict[str, ExpertGemmWeights] = {}
+
+
+@torch.library.custom_op("mxmoe::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, bias: torch.Tensor | None, layer_key: str) -> torch.Tensor:
+    from .kernels.dense_linear import quantized_linear
+
+    return quantized_linear(x, _LINEARS[layer_key], bias)
+
+
+@_linear_op.register_fake
+def _(x, bias, layer_key):
+    return x.new_empty(*x.shape[:-1], _LINEARS[layer_key].n)

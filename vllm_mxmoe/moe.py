@@ -25,7 +25,7 @@ from .format import (
     check_tensor,
     tensor_specs,
 )
-from .kernels.layout import ExpertGemmWeights, to_kernel_order
+from .kernels.layout import ExpertGemmWeights, make_dummy_weights_sane, to_kernel_order
 from .kernels.reference import reference_fused_experts
 from .sharding import down_shard_reason
 
@@ -162,7 +162,7 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if compat.is_dummy_load():
-            _make_dummy_weights_sane(*self.gemm_weights(layer))
+            make_dummy_weights_sane(*self.gemm_weights(layer))
         else:
             self._check_complete(layer)
         layer.mxmoe_loaded = set()
@@ -236,19 +236,6 @@ def _fused_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
 @_fused_experts_op.register_fake
 def _(x, topk_weights, topk_ids, layer_key):
     return torch.empty_like(x)
-
-
-def _make_dummy_weights_sane(*gemms: ExpertGemmWeights) -> None:
-    """Dummy loading fills buffers with random bits: scales may be 0 or negative and
-    fp8 bytes may be NaN. Keep outputs finite and small, as speed runs need."""
-    for weights in gemms:
-        weights.qweight.random_(-(2**31), 2**31 - 1)  # random codes: never time on zeros
-        weights.scales.uniform_(1e-3, 2e-3)
-        weights.zeros.fill_(1.0)
-        for e, scheme in enumerate(weights.schemes):
-            if scheme.weight_is_fp8:
-                fp8 = weights.packed_view(e)
-                fp8.copy_(torch.nan_to_num(fp8.float(), nan=0.0).clamp(-448, 448).to(fp8.dtype))
 
 
 def _scheme_counts(gate_up, down) -> str:

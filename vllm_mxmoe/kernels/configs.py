@@ -144,7 +144,12 @@ def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n
     if cfg.block_m > 16:
         return 1
     busy_blocks = min(num_tokens * topk, num_experts)  # every busy expert holds >= 1 M-block
-    programs = busy_blocks * math.ceil(n / cfg.block_n)
+    return split_for_programs(cfg, busy_blocks * math.ceil(n / cfg.block_n), k, sms)
+
+
+def split_for_programs(cfg: GemmConfig, programs: int, k: int, sms: int) -> int:
+    """Splits of K that bring ``programs`` (M-blocks x N-blocks) to about PROGRAMS_PER_SM per SM,
+    keeping at least MIN_K_STEPS_PER_SPLIT K tiles per program."""
     want = math.ceil(PROGRAMS_PER_SM * sms / max(programs, 1))
     return max(1, min(want, MAX_SPLIT_K, k // cfg.block_k // MIN_K_STEPS_PER_SPLIT))
 

@@ -33,6 +33,7 @@ present in the layer, so a uniform layer pays for one branch only.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -43,8 +44,18 @@ from ..schemes import Scheme
 from .align import AlignedRouting
 from .configs import GemmConfig, interpreting, resolve_dequant
 from .layout import (
-    BITS, FLAG_FP8_ACT, FLAG_FP8_WEIGHT, FLAG_FRAGMENT, FLAG_ZERO, FLAGS, GROUP, S_OFF, W_OFF, Z_OFF,
-    ExpertGemmWeights, is_fragment_ordered,
+    BITS,
+    FLAG_FP8_ACT,
+    FLAG_FP8_WEIGHT,
+    FLAG_FRAGMENT,
+    FLAG_ZERO,
+    FLAGS,
+    GROUP,
+    S_OFF,
+    W_OFF,
+    Z_OFF,
+    ExpertGemmWeights,
+    is_fragment_ordered,
 )
 
 # Inner-loop kinds; the kinds present in a layer pick the compiled branches (HAS_* flags).
@@ -819,14 +830,25 @@ def _grouped_gemm_kernel(
     MUL_ROUTED_WEIGHT: tl.constexpr, WORDS_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DEQUANT: tl.constexpr = 0, USE_ASM: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    DENSE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    if pid_m >= tl.load(num_blocks_ptr):
-        return  # grid is sized for the worst case; these M-blocks hold no rows
-
-    meta = meta_ptr + tl.load(block_expert_ptr + pid_m).to(tl.int64) * 6
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if DENSE:
+        # One expert and rows in order (a dense linear layer): no routing to read.
+        meta = meta_ptr
+        slots = offs_m
+    else:
+        # The routing reads are independent: issue them together, so a program waits one memory
+        # round trip for them, not two, before it can load its expert's meta and weights.
+        num_blocks = tl.load(num_blocks_ptr)
+        expert = tl.load(block_expert_ptr + pid_m)
+        slots = tl.load(sorted_ids_ptr + offs_m)
+        if pid_m >= num_blocks:
+            return  # grid is sized for the worst case; these M-blocks hold no rows
+        meta = meta_ptr + expert.to(tl.int64) * 6
     bits = tl.load(meta + _M_BITS)
     group = tl.load(meta + _M_GROUP).to(tl.int32)
     flags = tl.load(meta + _M_FLAGS)
@@ -841,8 +863,6 @@ def _grouped_gemm_kernel(
     int_act = (flags & _F_FP8_ACT) == 0
     num_groups = K // group
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ids_ptr + offs_m)
     row_mask = slots < num_slots
     a_rows = (slots // a_row_div).to(tl.int64)  # GEMM1 gathers token rows: slot // topk
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -950,57 +970,112 @@ def grouped_gemm(
     in float32 when split_k > 1, else in a's dtype. Rows of slots not routed to a
     local expert are left untouched.
     """
+    if routing.block_m != config.block_m:
+        raise ValueError(f"grouped_gemm: routing was aligned to BLOCK_M={routing.block_m}, config says {config.block_m}")
+    out = _checked_output(a, weights, config, routing.num_slots, a_fp8, out)
+    grid = (routing.max_blocks, triton.cdiv(weights.n, config.block_n), config.split_k)
+    launch = _Launch(grid, a, weights, out, config, a_fp8, routed_weights, routing.sorted_ids, routing.block_expert,
+                     routing.num_blocks, routing.num_slots, a_row_div, dense=False)
+    _run_with_fallback(launch)
+    return out
+
+
+def dense_gemm(
+    a: torch.Tensor,
+    weights: ExpertGemmWeights,
+    config: GemmConfig,
+    *,
+    a_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[s] = A @ W^T for a one-expert ``weights`` (a dense linear layer in any scheme): the
+    grouped kernel with every row of A in order, no routing. Returns [split_k, rows, N] like
+    grouped_gemm (float32 partials when split_k > 1)."""
+    if weights.num_experts != 1:
+        raise ValueError(f"dense_gemm: weights must hold one block, got {weights.num_experts}")
+    rows = a.shape[0]
+    out = _checked_output(a, weights, config, rows, a_fp8, out)
+    if rows:
+        grid = (triton.cdiv(rows, config.block_m), triton.cdiv(weights.n, config.block_n), config.split_k)
+        meta = weights.meta  # stands in for the routing pointers the dense kernel never reads
+        _run_with_fallback(_Launch(grid, a, weights, out, config, a_fp8, None, meta, meta, meta, rows, 1, dense=True))
+    return out
+
+
+def _checked_output(a, weights, config, num_slots, a_fp8, out):
     n, k = weights.n, weights.k
     if a.shape[-1] != k:
         raise ValueError(f"grouped_gemm: A has {a.shape[-1]} columns, weights expect K={k}")
     if k % config.block_k or any(s.group(k) % config.block_k for s in weights.schemes):
         raise ValueError(f"grouped_gemm: BLOCK_K={config.block_k} must divide K={k} and every group size")
-    if routing.block_m != config.block_m:
-        raise ValueError(f"grouped_gemm: routing was aligned to BLOCK_M={routing.block_m}, config says {config.block_m}")
-    kinds = layer_kinds(weights)
     if needs_fp8_activations(weights) and a_fp8 is None:
         raise ValueError("grouped_gemm: a scheme quantizes activations to fp8 but no a_fp8 was given")
-    a8, a_scale = a_fp8 if a_fp8 is not None else (a, a)
     out_dtype = a.dtype if config.split_k == 1 else torch.float32
-    shape = (config.split_k, routing.num_slots, n)
+    shape = (config.split_k, num_slots, n)
     if out is None:
-        out = torch.empty(shape, dtype=out_dtype, device=a.device)
-    elif tuple(out.shape) != shape or not out.is_contiguous():
+        return torch.empty(shape, dtype=out_dtype, device=a.device)
+    if tuple(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"grouped_gemm: out must be a contiguous {shape} tensor")
-    grid = (routing.max_blocks, triton.cdiv(n, config.block_n), config.split_k)
+    return out
+
+
+@dataclass
+class _Launch:
+    grid: tuple[int, int, int]
+    a: torch.Tensor
+    weights: ExpertGemmWeights
+    out: torch.Tensor
+    config: GemmConfig
+    a_fp8: tuple[torch.Tensor, torch.Tensor] | None
+    routed_weights: torch.Tensor | None
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    num_blocks: torch.Tensor
+    num_slots: int
+    a_row_div: int
+    dense: bool
+
+
+def _run_with_fallback(launch: _Launch) -> None:
+    """Launch with the config's dequant mode; a triton that cannot compile the field-wise path for
+    this config gets mode 0 (warned once per config)."""
+    config = launch.config
     dequant = resolve_dequant(config.dequant, config.block_m)
-    key = (kinds, config, a.dtype)
+    key = (layer_kinds(launch.weights), config, launch.a.dtype, launch.dense)
     if dequant and key in _ASM_COMPILE_FAILED:
         dequant = 0
     try:
-        _launch(grid, a, a8, a_scale, weights, out, routed_weights, routing, n, k, a_row_div, kinds, config, dequant)
-    except Exception as e:  # a triton version that cannot compile the field-wise path for this config
+        _launch(launch, dequant)
+    except Exception as e:
         if not dequant or "PassManager" not in str(e) and "CompilationError" not in type(e).__name__:
             raise
         _ASM_COMPILE_FAILED.add(key)
         warnings.warn(f"grouped_gemm: dequant mode {dequant} failed to compile for {config} ({type(e).__name__}); "
-                      "using mode 0 for it", stacklevel=2)
-        _launch(grid, a, a8, a_scale, weights, out, routed_weights, routing, n, k, a_row_div, kinds, config, 0)
-    return out
+                      "using mode 0 for it", stacklevel=3)
+        _launch(launch, 0)
 
 
 _ASM_COMPILE_FAILED: set = set()
 
 
-def _launch(grid, a, a8, a_scale, weights, out, routed_weights, routing, n, k, a_row_div, kinds, config, dequant):
-    _grouped_gemm_kernel[grid](
+def _launch(launch: _Launch, dequant: int) -> None:
+    a, weights, config = launch.a, launch.weights, launch.config
+    a8, a_scale = launch.a_fp8 if launch.a_fp8 is not None else (a, a)
+    kinds = layer_kinds(weights)
+    n, k = weights.n, weights.k
+    _grouped_gemm_kernel[launch.grid](
         a, a8, a_scale,
         weights.qweight, weights.qweight.view(FP8_DTYPE), weights.scales, weights.zeros, weights.meta,
-        out, routed_weights if routed_weights is not None else a_scale,
-        routing.sorted_ids, routing.block_expert, routing.num_blocks,
-        n, k, routing.num_slots, a_row_div, a.stride(0), a8.stride(0), routing.num_slots * n,
+        launch.out, launch.routed_weights if launch.routed_weights is not None else a_scale,
+        launch.sorted_ids, launch.block_expert, launch.num_blocks,
+        n, k, launch.num_slots, launch.a_row_div, a.stride(0), a8.stride(0), launch.num_slots * n,
         HAS_W2=bool(kinds & KIND_W2), HAS_W3=bool(kinds & KIND_W3), HAS_W4=bool(kinds & KIND_W4),
         HAS_W8=bool(kinds & KIND_W8), HAS_W8A8FP8=bool(kinds & KIND_W8A8FP8), HAS_W4A8FP8=bool(kinds & KIND_W4A8FP8),
         HAS_W2_FRAGMENT=bool(kinds & KIND_W2_FRAGMENT), HAS_W3_FRAGMENT=bool(kinds & KIND_W3_FRAGMENT),
-        HAS_W4_FRAGMENT=bool(kinds & KIND_W4_FRAGMENT), MUL_ROUTED_WEIGHT=routed_weights is not None,
+        HAS_W4_FRAGMENT=bool(kinds & KIND_W4_FRAGMENT), MUL_ROUTED_WEIGHT=launch.routed_weights is not None,
         # K % 128 == 0 makes every row and every expert block a multiple of 4 words (16-byte loads).
         WORDS_ALIGNED=k % 128 == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        DEQUANT=dequant, USE_ASM=dequant >= 2 and not interpreting(), SWAP_AB=config.swap_ab,
+        DEQUANT=dequant, USE_ASM=dequant >= 2 and not interpreting(), SWAP_AB=config.swap_ab, DENSE=launch.dense,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

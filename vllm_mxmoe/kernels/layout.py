@@ -235,3 +235,25 @@ class ExpertGemmWeights:
 
     def dequantize_expert(self, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.block(e), self.k, dtype)
+
+
+def make_dummy_weights_sane(*gemms: ExpertGemmWeights) -> None:
+    """Dummy loading fills buffers with random bits: scales may be 0 or huge and fp8 bytes may be
+    NaN. Give every block random codes and the statistics of vLLM's own dummy weights instead:
+    zero-mean, about 1e-3 in size (zero point at mid-range, scales of random sign), so that speed
+    runs route tokens the way vLLM's bf16 and GPTQ dummy models do. (Positive scales with a zero
+    point of 1 made every dequantized weight positive: hidden states then drift one way and the
+    router sends most tokens to the same experts, which flatters the MoE time.)"""
+    for weights in gemms:
+        weights.qweight.random_(-(2**31), 2**31 - 1)  # random codes: never time on zeros
+        for e, scheme in enumerate(weights.schemes):
+            if scheme.weight_is_fp8:
+                fp8 = weights.packed_view(e)
+                fp8.copy_(torch.nan_to_num(fp8.float(), nan=0.0).clamp(-448, 448).to(fp8.dtype))
+                largest_code = 448.0
+            else:
+                largest_code = float(1 << (scheme.bits - 1))
+            weights.scale_view(e).uniform_(-1e-3 / largest_code, 1e-3 / largest_code)
+            zero = weights.zero_view(e)
+            if zero is not None:
+                zero.fill_(largest_code)

@@ -86,3 +86,40 @@ def warm_up_layer(
     if todo and device.type == "cuda":
         torch.cuda.synchronize(device)
     return len(todo), time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=64)
+def linear_signature_token_counts(
+    max_tokens: int, n: int, k: int, groups: tuple[int, ...], weight_only: bool, sms: int
+) -> tuple[tuple[int, object], ...]:
+    """(smallest token count, launch signature) for each distinct way a dense linear runs in
+    1..max_tokens: the kernel's tile config, or "dequant" (weight-only blocks from DEQUANT_MIN_ROWS)."""
+    from .dense_linear import DEQUANT_MIN_ROWS, linear_config
+
+    seen: dict = {}
+    for t in range(1, max_tokens + 1):
+        if weight_only and t >= DEQUANT_MIN_ROWS:
+            seen.setdefault("dequant", t)
+            break
+        seen.setdefault(linear_config(t, n, k, groups, sms), t)
+    return tuple((t, sig) for sig, t in seen.items())
+
+
+def warm_up_linear(weights: ExpertGemmWeights, max_tokens: int, dtype: torch.dtype,
+                   has_bias: bool = False) -> tuple[int, float]:
+    """Run kernels.dense_linear.quantized_linear once per launch signature not compiled yet; (launches, seconds)."""
+    from .dense_linear import is_weight_only_int, quantized_linear
+
+    device = weights.qweight.device
+    weight_only = is_weight_only_int(weights)
+    key = ("linear", layer_kinds(weights), dtype, weights.n, weights.k, weights.group_sizes(), has_bias)
+    todo = [(t, sig) for t, sig in linear_signature_token_counts(
+        max_tokens, weights.n, weights.k, weights.group_sizes(), weight_only, num_sms(device)) if (key, sig) not in _DONE]
+    t0 = time.perf_counter()
+    bias = torch.zeros(weights.n, device=device, dtype=dtype) if has_bias else None
+    for t, sig in todo:
+        quantized_linear(torch.randn(t, weights.k, device=device, dtype=dtype) * 0.1, weights, bias)
+        _DONE.add((key, sig))
+    if todo and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return len(todo), time.perf_counter() - t0
