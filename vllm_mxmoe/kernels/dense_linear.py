@@ -51,8 +51,9 @@ LINEAR_TILES: list[tuple[int, GemmConfig]] = [
     (64, GemmConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4, dequant=2, swap_ab=True)),
     (128, GemmConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3, dequant=2, swap_ab=True)),
 ]
-# From this many rows a weight-only block is dequantized once for cuBLAS instead (same sweep: at 256
-# rows both ways take 1.7-2x bf16's time, at 1024 the kernel 3x and the dequantized weight 1.1-1.2x).
+# From this many rows a weight-only block is dequantized once for cuBLAS instead (linear_check.py, same
+# day: at 256 rows the best tile and the dequantized weight both take 1.6-2x cuBLAS bf16's time; at
+# 1024 the 16-row tile 3.4-3.8x, the dequantized weight 1.2x).
 DEQUANT_MIN_ROWS = LINEAR_TILES[-1][0] + 1
 
 
