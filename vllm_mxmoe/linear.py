@@ -26,7 +26,7 @@ from .format import (
     dequantize,
     tensor_specs,
 )
-from .kernels.layout import ExpertGemmWeights, make_dummy_weights_sane
+from .kernels.layout import ExpertGemmWeights, fill_dummy_scale_and_zero, make_dummy_weights_sane
 from .kernels.reference import fake_quant_fp8_per_token
 from .schemes import Scheme
 
@@ -73,11 +73,9 @@ class MxMoELinearMethod(compat.LinearMethodBase):
             self._check_complete(layer)
         if layer.weight_packed.is_cuda:
             self._to_kernel_layout(layer, dummy)
-        elif dummy:  # the dummy statistics of layout.make_dummy_weights_sane
-            largest_code = float(1 << (self.scheme.bits - 1)) if not self.scheme.weight_is_fp8 else 448.0
-            layer.weight_scale.data.uniform_(-1e-3 / largest_code, 1e-3 / largest_code)
-            if hasattr(layer, WEIGHT_ZERO):
-                layer.weight_zero_point.data.fill_(largest_code)
+        elif dummy:
+            zero = getattr(layer, WEIGHT_ZERO, None)
+            fill_dummy_scale_and_zero(self.scheme, layer.weight_scale.data, None if zero is None else zero.data)
 
     def _check_complete(self, layer: torch.nn.Module) -> None:
         expected = tensor_specs(self.scheme, 1, layer.mxmoe_in_features)
@@ -135,7 +133,6 @@ def _recording_loader(layer: torch.nn.Module, suffix: str, vllm_loader):
         return vllm_loader(param, loaded_weight, *args, **kwargs)
 
     return load
-
 
 
 # One-block kernel weights by layer key, for the custom op (arguments: tensors and strings).

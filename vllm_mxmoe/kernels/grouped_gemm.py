@@ -1041,27 +1041,27 @@ def _run_with_fallback(launch: _Launch) -> None:
     this config gets mode 0 (warned once per config)."""
     config = launch.config
     dequant = resolve_dequant(config.dequant, config.block_m)
-    key = (layer_kinds(launch.weights), config, launch.a.dtype, launch.dense)
+    kinds = layer_kinds(launch.weights)
+    key = (kinds, config, launch.a.dtype, launch.dense)
     if dequant and key in _ASM_COMPILE_FAILED:
         dequant = 0
     try:
-        _launch(launch, dequant)
+        _launch(launch, kinds, dequant)
     except Exception as e:
         if not dequant or "PassManager" not in str(e) and "CompilationError" not in type(e).__name__:
             raise
         _ASM_COMPILE_FAILED.add(key)
         warnings.warn(f"grouped_gemm: dequant mode {dequant} failed to compile for {config} ({type(e).__name__}); "
                       "using mode 0 for it", stacklevel=3)
-        _launch(launch, 0)
+        _launch(launch, kinds, 0)
 
 
 _ASM_COMPILE_FAILED: set = set()
 
 
-def _launch(launch: _Launch, dequant: int) -> None:
+def _launch(launch: _Launch, kinds: int, dequant: int) -> None:
     a, weights, config = launch.a, launch.weights, launch.config
     a8, a_scale = launch.a_fp8 if launch.a_fp8 is not None else (a, a)
-    kinds = layer_kinds(weights)
     n, k = weights.n, weights.k
     _grouped_gemm_kernel[launch.grid](
         a, a8, a_scale,

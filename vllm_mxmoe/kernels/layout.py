@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format import FP8_DTYPE, QuantizedWeight, dequantize
+from ..format import FP8_DTYPE, FP8_MAX, QuantizedWeight, dequantize
 from ..schemes import Scheme
 
 BITS, GROUP, FLAGS, W_OFF, S_OFF, Z_OFF = range(6)
@@ -249,11 +249,14 @@ def make_dummy_weights_sane(*gemms: ExpertGemmWeights) -> None:
         for e, scheme in enumerate(weights.schemes):
             if scheme.weight_is_fp8:
                 fp8 = weights.packed_view(e)
-                fp8.copy_(torch.nan_to_num(fp8.float(), nan=0.0).clamp(-448, 448).to(fp8.dtype))
-                largest_code = 448.0
-            else:
-                largest_code = float(1 << (scheme.bits - 1))
-            weights.scale_view(e).uniform_(-1e-3 / largest_code, 1e-3 / largest_code)
-            zero = weights.zero_view(e)
-            if zero is not None:
-                zero.fill_(largest_code)
+                fp8.copy_(torch.nan_to_num(fp8.float(), nan=0.0).clamp(-FP8_MAX, FP8_MAX).to(fp8.dtype))
+            fill_dummy_scale_and_zero(scheme, weights.scale_view(e), weights.zero_view(e))
+
+
+def fill_dummy_scale_and_zero(scheme: Scheme, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+    """Scales of random sign and a mid-range zero point, so that (code - zero) * scale of uniformly
+    random codes is zero-mean and at most about 1e-3 (make_dummy_weights_sane)."""
+    largest_code = FP8_MAX if scheme.weight_is_fp8 else float(1 << (scheme.bits - 1))
+    scale.uniform_(-1e-3 / largest_code, 1e-3 / largest_code)
+    if zero is not None:
+        zero.fill_(largest_code)
