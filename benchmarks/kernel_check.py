@@ -572,8 +572,9 @@ def _ptable_case(scheme: str, n: int, k: int, rows: int, fill: bool = True):
     w = make_weights([scheme] * PTABLE_EXPERTS, n, k, seed=11, fill=fill)
     tokens = PTABLE_EXPERTS * rows
     ids = torch.arange(PTABLE_EXPERTS, device=DEVICE, dtype=torch.int32).repeat_interleave(rows)[:, None]
-    _, _, groups, fp8_only = gemm_key(w)
-    cfg = select_gemm_config(tokens, 1, PTABLE_EXPERTS, n, k, groups, torch.device(DEVICE), fp8_only=fp8_only)
+    _, _, groups, fp8_only, int4_only = gemm_key(w)
+    cfg = select_gemm_config(tokens, 1, PTABLE_EXPERTS, n, k, groups, torch.device(DEVICE), fp8_only=fp8_only,
+                             int4_only=int4_only)
     routing = align_routing(ids, PTABLE_EXPERTS, cfg.block_m)
     a = torch.randn(tokens, k, device=DEVICE, dtype=DTYPE)
     a8 = quantize_fp8_per_token(a) if needs_fp8_activations(w) else None

@@ -221,6 +221,8 @@ def test_align_routing(num_tokens, topk, num_experts, block_m, local, one_progra
         # 4-bit blocks in fragment order read by whole 128-chunks (one per tile, then two per tile)
         (FRAGMENT_SCHEMES, 384, GemmConfig(16, 32, 128, 4, 1, split_k=2)),
         (FRAGMENT_SCHEMES, 512, GemmConfig(16, 32, 256, 4, 1, split_k=1)),
+        # two K tiles per loop iteration: 5 tiles split 2 + 3 (pairs, then one tile after the loop)
+        (FRAGMENT_SCHEMES, 640, GemmConfig(16, 32, 128, 4, 1, split_k=2, k_unroll=2)),
     ],
 )
 def test_grouped_gemm_mixed(schemes, k, cfg, dequant, swap_ab):
@@ -489,6 +491,13 @@ def test_config_selection():
     assert fp8.block_n > prefill.block_n and fp8.block_m == prefill.block_m
     assert select_gemm_config(16, 8, 128, 1536, 2048, [2048], fp8_only=True) == select_gemm_config(
         16, 8, 128, 1536, 2048, [2048])
+    # All-4-bit decode GEMMs with >= 16 K tiles per program take two tiles per loop iteration (qwen3's
+    # gate_up at 16 tokens); short K (its down: 6 tiles), prefill and other schemes keep one.
+    unrolled = select_gemm_config(16, 8, 128, 1536, 2048, [128], sms=132, int4_only=True)
+    assert (unrolled.k_unroll, unrolled.num_stages) == (2, 3)
+    assert select_gemm_config(16, 8, 128, 1536, 2048, [128], sms=132).k_unroll == 1
+    assert select_gemm_config(16, 8, 128, 2048, 768, [128], sms=132, int4_only=True).k_unroll == 1
+    assert select_gemm_config(8192, 8, 128, 1536, 2048, [128], int4_only=True).k_unroll == 1
 
 
 # ---------------------------------------------------------------------------
@@ -499,12 +508,12 @@ def test_warmup_signatures_cover_every_token_count():
     from vllm_mxmoe.kernels import warmup
     from vllm_mxmoe.kernels.configs import select_gemm_config
 
-    g1, g2 = (1536, 2048, (128,), False), (2048, 768, (128,), True)  # gate_up int, down all w8a8fp8
+    g1, g2 = (1536, 2048, (128,), False, True), (2048, 768, (128,), True, False)  # gate_up w4, down w8a8fp8
     sigs = warmup.signature_token_counts(4096, 8, 128, g1, g2, 132)
     first = {sig: t for t, sig in sigs}
     assert len(first) == len(sigs) and 2 < len(sigs) < 64, len(sigs)
     for t in (1, 2, 3, 7, 16, 17, 100, 511, 512, 513, 2049, 4096):
-        cfg1 = select_gemm_config(t, 8, 128, *g1[:2], list(g1[2]), sms=132)
+        cfg1 = select_gemm_config(t, 8, 128, *g1[:2], list(g1[2]), sms=132, int4_only=True)
         cfg2 = select_gemm_config(t, 8, 128, *g2[:2], list(g2[2]), sms=132, fp8_only=True)
         sig = (cfg1, cfg2, warmup._align_variant(t * 8, 128, cfg1.block_m))
         assert sig in first and first[sig] <= t  # warmed at the smallest count that launches it
@@ -517,7 +526,7 @@ def test_warmup_runs_each_signature_once():
     w13 = make_weights(["w4g128", "w2g64", "w8"], 256, 128, gen)
     w2 = make_weights(["w3g64", "w4g128", "w8"], 128, 128, gen)
     launches, _ = warmup.warm_up_layer(w13, w2, topk=2, max_tokens=24, dtype=DTYPE)
-    g1, g2 = (256, 128, (64, 128), False), (128, 128, (64, 128), False)
+    g1, g2 = (256, 128, (64, 128), False, False), (128, 128, (64, 128), False, False)
     expected = len(warmup.signature_token_counts(24, 2, 3, g1, g2, 132))
     assert launches == expected > 1
     assert warmup.warm_up_layer(w13, w2, topk=2, max_tokens=24, dtype=DTYPE)[0] == 0  # already compiled

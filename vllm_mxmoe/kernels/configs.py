@@ -34,6 +34,8 @@ class GemmConfig:
     dequant: int = -1
     # Field-wise dequant modes (>= 1) only: compute the tile as W x A^T (see grouped_gemm.py).
     swap_ab: bool = False
+    # K tiles per loop iteration of blocks in fragment order with post-scaled tiles (1 or 2).
+    k_unroll: int = 1
 
 
 # Rows an expert is expected to see (tokens * topk / experts), upper bound -> tiles.
@@ -71,6 +73,15 @@ FP8_PREFILL_CONFIG = GemmConfig(block_m=128, block_n=256, block_k=128, num_warps
 # and 1.08-1.11x (down, 16 tokens, split 6) over 4 programs per SM, and the small experts' down at
 # 1 token (6-11 K steps) lost 1.1-1.3x when split into programs of 2-3 steps.
 PROGRAMS_PER_SM = 20
+# Decode tiles of all-4-bit GEMMs with long K take two K tiles per loop iteration (GemmConfig.k_unroll)
+# and 3 stages (a stage holds both tiles). Measured on an H200 (benchmarks/decode_probe.py, uniform
+# routing, qwen3-30b-a3b, 2026-11-30 session 9): gate_up (16 K tiles) 0.89-0.92x the time of one tile
+# per iteration at 16-64 tokens; down (6 K tiles) 1.07-1.08x, and 2/3-bit or mixed GEMMs 0.99-1.08x:
+# the loop's own instructions are shared by two tiles (195 instead of 215 sm_90 instructions per 4-bit
+# tile), but registers rise from 80 to 117 (4 programs per SM instead of 6), which short loops and
+# 3-bit tiles (96 registers already) do not repay.
+UNROLL_MIN_K_TILES = 16
+UNROLLED_DECODE = {"k_unroll": 2, "num_stages": 3}
 MIN_K_STEPS_PER_SPLIT = 5
 MAX_SPLIT_K = 8
 _DEFAULT_NUM_SMS = 132  # H100/H200; used when no GPU is visible (CPU interpreter)
@@ -156,13 +167,17 @@ def split_for_programs(cfg: GemmConfig, programs: int, k: int, sms: int) -> int:
 
 def select_gemm_config(
     num_tokens: int, topk: int, num_experts: int, n: int, k: int, groups: Sequence[int], device=None,
-    sms: int | None = None, fp8_only: bool = False,
+    sms: int | None = None, fp8_only: bool = False, int4_only: bool = False,
 ) -> GemmConfig:
     """The config of one GEMM of a layer (BLOCK_M follows table_config for both); ``sms``
-    overrides the SM count read from ``device``; ``fp8_only``: every block is w8a8fp8."""
+    overrides the SM count read from ``device``; ``fp8_only``: every block is w8a8fp8; ``int4_only``:
+    every block is 4-bit weight-only in fragment order."""
     cfg = table_config(num_tokens, topk, num_experts)
     if fp8_only and cfg == TILE_TABLE[-1][1]:
         cfg = FP8_PREFILL_CONFIG
     cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, groups))
     sms = sms or num_sms(device)
-    return replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms))
+    cfg = replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms))
+    if int4_only and cfg.swap_ab and k // cfg.block_k // cfg.split_k >= UNROLL_MIN_K_TILES:
+        cfg = replace(cfg, **UNROLLED_DECODE)
+    return cfg

@@ -18,7 +18,7 @@ from . import csrc_ext
 from .act_quant import quantize_fp8_per_token, silu_and_mul
 from .align import align_routing
 from .configs import GemmConfig, select_gemm_config
-from .grouped_gemm import all_w8a8fp8, grouped_gemm, needs_fp8_activations
+from .grouped_gemm import all_int4_fragment, all_w8a8fp8, grouped_gemm, needs_fp8_activations
 from .layout import ExpertGemmWeights
 
 
@@ -60,14 +60,16 @@ def select_configs(
     e = w13.num_experts
     configs = []
     for w in (w13, w2):
-        n, k, groups, fp8_only = gemm_key(w)
-        configs.append(select_gemm_config(num_tokens, topk, e, n, k, groups, device, fp8_only=fp8_only))
+        n, k, groups, fp8_only, int4_only = gemm_key(w)
+        configs.append(select_gemm_config(num_tokens, topk, e, n, k, groups, device, fp8_only=fp8_only,
+                                          int4_only=int4_only))
     return configs[0], configs[1]
 
 
-def gemm_key(w: ExpertGemmWeights) -> tuple[int, int, tuple[int, ...], bool]:
-    """What a GEMM's config depends on besides the token count: (N, K, group sizes, all w8a8fp8)."""
-    return w.n, w.k, w.group_sizes(), all_w8a8fp8(w)
+def gemm_key(w: ExpertGemmWeights) -> tuple[int, int, tuple[int, ...], bool, bool]:
+    """What a GEMM's config depends on besides the token count: (N, K, group sizes, all w8a8fp8,
+    all 4-bit weight-only in fragment order)."""
+    return w.n, w.k, w.group_sizes(), all_w8a8fp8(w), all_int4_fragment(w)
 
 
 def mxmoe_fused_experts(
