@@ -22,7 +22,8 @@ Configurations (names for --only):
                                    one ILP over all layers (model-wide budget) with raw Δ
                                    [Fisher-weighted Δ per layer] instead of one ILP per layer
   ablation-3.25-{no-hadamard,rtn}-model-budget  those ablations with the model-wide budget
-  seed1-{gptq-w3g128,mxmoe-3.25-r1}  the 3.25-bit pair with Hadamard/sampling seed 1 instead of 0
+  seed{1,2}-{gptq-w3g128,mxmoe-3.25-r1}  the 3.25-bit pair with Hadamard/sampling seed 1 or 2 instead of 0
+  gptq-w3g128-no-hadamard          the uniform baseline of ablation-3.25-no-hadamard (no rotation either)
   ablation-3.25-minmax             min/max grids instead of the MSE clipping search
   gptq-w3g128-minmax               the uniform baseline with min/max grids
   ablation-{3.25,2.25}-holdout     sensitivities on 25% held-out calibration sequences (GPTQ fits the rest)
@@ -102,6 +103,9 @@ def configurations() -> dict[str, dict | None]:
     # another Hadamard seed (and token sample): how much of a difference is the seed's
     configs["seed1-gptq-w3g128"] = {"scheme_map": uniform_map("w3g128"), "seed": 1}
     configs["seed1-mxmoe-3.25-r1"] = {**mx, "wbits": 3.25, "r": 1.0, "seed": 1}
+    configs["seed2-gptq-w3g128"] = {"scheme_map": uniform_map("w3g128"), "seed": 2}
+    configs["seed2-mxmoe-3.25-r1"] = {**mx, "wbits": 3.25, "r": 1.0, "seed": 2}
+    configs["gptq-w3g128-no-hadamard"] = {"scheme_map": uniform_map("w3g128"), "hadamard": False}
     configs["ablation-3.25-minmax"] = {**mx, "wbits": 3.25, "r": 1.0, "clip": "minmax"}
     configs["gptq-w3g128-minmax"] = {"scheme_map": uniform_map("w3g128"), "clip": "minmax"}
     for wbits in (3.25, 2.25):
@@ -228,7 +232,9 @@ def goals(rows: dict[str, dict]) -> list[str]:
     for mx, uniform in (
         ("mxmoe-3.25-r1", "gptq-w3g128"),
         ("mxmoe-3.25-auto", "gptq-w3g128"),
-        ("seed1-mxmoe-3.25-r1", "seed1-gptq-w3g128"),  # the same pair with another seed
+        ("seed1-mxmoe-3.25-r1", "seed1-gptq-w3g128"),  # the same pair with other seeds
+        ("seed2-mxmoe-3.25-r1", "seed2-gptq-w3g128"),
+        ("ablation-3.25-no-hadamard", "gptq-w3g128-no-hadamard"),  # both without the rotation
     ):
         if base and mx in rows and uniform in rows:
             got = rows[mx]["perplexity"] - base

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import kernel_check as kc
 from benchmarks import tile_sweep as ts
+from vllm_mxmoe.kernels.align import align_routing
 from vllm_mxmoe.kernels.fused_moe import select_configs
 from vllm_mxmoe.kernels.layout import S_OFF, W_OFF, Z_OFF, block_sizes
 
@@ -112,9 +113,13 @@ def main() -> None:
             want = ts.run_gemm(which, cfg, copies[0][idx], inputs, topk).float()
             for name, fields in map(parse_override, args.overrides):
                 var = replace(cfg, **fields)
-                got = ts.run_gemm(which, var, copies[0][idx], inputs, topk).float()
+                var_inputs = inputs
+                if var.block_m != cfg.block_m:  # the routing is aligned to BLOCK_M: same tokens, new alignment
+                    ids = inputs[0]
+                    var_inputs = (ids, inputs[1], align_routing(ids, w13.num_experts, var.block_m), *inputs[3:])
+                got = ts.run_gemm(which, var, copies[0][idx], var_inputs, topk).float()
                 diff = ((got - want).norm() / want.norm()).item()  # against the shipped config (kernel_check checks that)
-                t = kc.bench(gemm_runner(which, var, turn, inputs, topk)) * 1e3
+                t = kc.bench(gemm_runner(which, var, turn, var_inputs, topk)) * 1e3
                 emit(f"{assign:>10} {tokens:>4} {which:>7} {name:>34} {t:8.1f} {'':>8} "
                      f"{routed_bytes(copies[0][idx], inputs[0]) / t / 1e6:9.2f} {t / t_hbm:7.2f} (vs shipped; diff {diff:.1e})")
     out = Path(os.environ.get("OUT", "."))
