@@ -34,7 +34,7 @@ from benchmarks import kernel_check as kc
 from benchmarks import tile_sweep as ts
 from vllm_mxmoe.kernels.align import align_routing
 from vllm_mxmoe.kernels.fused_moe import select_configs
-from vllm_mxmoe.kernels.layout import S_OFF, W_OFF, Z_OFF, block_sizes
+from vllm_mxmoe.kernels.layout import S_OFF, W_OFF, Z_OFF
 
 
 def all_experts_on_block0(w):
@@ -48,11 +48,6 @@ def all_experts_on_block0(w):
 def gemm_runner(which: str, cfg, weights, inputs, topk: int):
     """A no-argument launch of one GEMM, taking its weights from the iterator ``weights``."""
     return lambda: ts.run_gemm(which, cfg, next(weights), inputs, topk)
-
-
-def routed_bytes(w, ids) -> int:
-    busy = torch.unique(ids).tolist()
-    return sum(sum(n * (4 if i == 0 else 2) for i, n in enumerate(block_sizes(w.schemes[e], w.n, w.k))) for e in busy)
 
 
 def parse_override(text: str) -> tuple[str, dict]:
@@ -106,7 +101,8 @@ def main() -> None:
                 continue
             t_hbm = kc.bench(hbm) * 1e3
             t_l2 = kc.bench(l2) * 1e3
-            tbs = routed_bytes(copies[0][idx], inputs[0]) / t_hbm / 1e6
+            weight_bytes = kc.routed_weight_bytes(copies[0][idx], inputs[0])
+            tbs = weight_bytes / t_hbm / 1e6
             desc = (f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} "
                     f"sk{cfg.split_k} u{cfg.k_unroll}")
             emit(f"{assign:>10} {tokens:>4} {which:>7} {desc:>34} {t_hbm:8.1f} {t_l2:8.1f} {tbs:9.2f} {t_l2 / t_hbm:7.2f}")
@@ -121,7 +117,7 @@ def main() -> None:
                 diff = ((got - want).norm() / want.norm()).item()  # against the shipped config (kernel_check checks that)
                 t = kc.bench(gemm_runner(which, var, turn, var_inputs, topk)) * 1e3
                 emit(f"{assign:>10} {tokens:>4} {which:>7} {name:>34} {t:8.1f} {'':>8} "
-                     f"{routed_bytes(copies[0][idx], inputs[0]) / t / 1e6:9.2f} {t / t_hbm:7.2f} (vs shipped; diff {diff:.1e})")
+                     f"{weight_bytes / t / 1e6:9.2f} {t / t_hbm:7.2f} (vs shipped; diff {diff:.1e})")
     out = Path(os.environ.get("OUT", "."))
     if lines and args.ncu_target is None:
         (out / "decode_probe.txt").write_text("\n".join(lines) + "\n")

@@ -788,13 +788,10 @@ def _int_weight_loop_fields(
         else:
             tl.static_assert(K_UNROLL == 2)
             for i in range((kt_end - kt_begin) // 2):
-                kt = kt_begin + 2 * i
-                acc_t, acc = _post_scaled_step(acc_t, acc, kt, a_ptrs, row_mask, w_ptr, words_per_row, s_ptr, z_ptr,
-                                               zero_cols, num_groups, offs_n, n_mask, inv_tiles, mid, BITS, BLOCK_K,
-                                               BLOCK_N, USE_ASM, SWAP_AB)
-                acc_t, acc = _post_scaled_step(acc_t, acc, kt + 1, a_ptrs, row_mask, w_ptr, words_per_row, s_ptr,
-                                               z_ptr, zero_cols, num_groups, offs_n, n_mask, inv_tiles, mid, BITS,
-                                               BLOCK_K, BLOCK_N, USE_ASM, SWAP_AB)
+                for j in tl.static_range(2):
+                    acc_t, acc = _post_scaled_step(acc_t, acc, kt_begin + 2 * i + j, a_ptrs, row_mask, w_ptr,
+                                                   words_per_row, s_ptr, z_ptr, zero_cols, num_groups, offs_n, n_mask,
+                                                   inv_tiles, mid, BITS, BLOCK_K, BLOCK_N, USE_ASM, SWAP_AB)
             if (kt_end - kt_begin) % 2 == 1:
                 acc_t, acc = _post_scaled_step(acc_t, acc, kt_end - 1, a_ptrs, row_mask, w_ptr, words_per_row, s_ptr,
                                                z_ptr, zero_cols, num_groups, offs_n, n_mask, inv_tiles, mid, BITS,
