@@ -106,14 +106,14 @@ def main() -> None:
             desc = (f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} "
                     f"sk{cfg.split_k} u{cfg.k_unroll}")
             emit(f"{assign:>10} {tokens:>4} {which:>7} {desc:>34} {t_hbm:8.1f} {t_l2:8.1f} {tbs:9.2f} {t_l2 / t_hbm:7.2f}")
-            want = ts.run_gemm(which, cfg, copies[0][idx], inputs, topk).float()
+            want = ts.run_gemm(which, cfg, copies[0][idx], inputs, topk).float().sum(0)  # over split-K partials
             for name, fields in map(parse_override, args.overrides):
                 var = replace(cfg, **fields)
                 var_inputs = inputs
                 if var.block_m != cfg.block_m:  # the routing is aligned to BLOCK_M: same tokens, new alignment
                     ids = inputs[0]
                     var_inputs = (ids, inputs[1], align_routing(ids, w13.num_experts, var.block_m), *inputs[3:])
-                got = ts.run_gemm(which, var, copies[0][idx], var_inputs, topk).float()
+                got = ts.run_gemm(which, var, copies[0][idx], var_inputs, topk).float().sum(0)
                 diff = ((got - want).norm() / want.norm()).item()  # against the shipped config (kernel_check checks that)
                 t = kc.bench(gemm_runner(which, var, turn, var_inputs, topk)) * 1e3
                 emit(f"{assign:>10} {tokens:>4} {which:>7} {name:>34} {t:8.1f} {'':>8} "

@@ -498,6 +498,13 @@ def test_config_selection():
     assert select_gemm_config(16, 8, 128, 1536, 2048, [128], sms=132).k_unroll == 1
     assert select_gemm_config(16, 8, 128, 2048, 768, [128], sms=132, int4_only=True).k_unroll == 1
     assert select_gemm_config(8192, 8, 128, 1536, 2048, [128], int4_only=True).k_unroll == 1
+    # All-4-bit GEMMs aim at fewer programs per SM, so their programs stay long enough for that loop:
+    # Mixtral-8x7b at 1 token runs gate_up unsplit (32 tiles, unrolled) and splits down 5 ways, not 8.
+    mixtral_gate_up = select_gemm_config(1, 2, 8, 28672, 4096, [128], sms=132, int4_only=True)
+    assert (mixtral_gate_up.split_k, mixtral_gate_up.k_unroll) == (1, 2)
+    mixtral_down = select_gemm_config(1, 2, 8, 4096, 14336, [128], sms=132, int4_only=True)
+    assert (mixtral_down.split_k, mixtral_down.k_unroll) == (5, 2)
+    assert select_gemm_config(1, 2, 8, 4096, 14336, [128], sms=132).split_k == 8
 
 
 # ---------------------------------------------------------------------------

@@ -73,6 +73,13 @@ FP8_PREFILL_CONFIG = GemmConfig(block_m=128, block_n=256, block_k=128, num_warps
 # and 1.08-1.11x (down, 16 tokens, split 6) over 4 programs per SM, and the small experts' down at
 # 1 token (6-11 K steps) lost 1.1-1.3x when split into programs of 2-3 steps.
 PROGRAMS_PER_SM = 20
+# GEMMs whose blocks are all 4-bit weight-only (the ones that take the two-tile loop below) aim at
+# 4 programs per SM: fewer splits keep their programs long enough for that loop. Measured on an H200
+# (benchmarks/decode_probe.py --overrides, uniform routing, 2026-11-30 session 10): Mixtral-8x7b at
+# 1 token, gate_up split 1 (32 K tiles, two-tile loop) 0.84x the time of split 3, down split 4 0.83x
+# split 8; Qwen3-30B-A3B gate_up at 4 tokens split 1 0.87x split 3; DeepSeek-V2-Lite down at 16
+# tokens split 1 0.91x split 2.
+INT4_PROGRAMS_PER_SM = 4
 # Decode tiles of all-4-bit GEMMs with long K take two K tiles per loop iteration (GemmConfig.k_unroll)
 # and 3 stages (a stage holds both tiles). Measured on an H200 (benchmarks/decode_probe.py, uniform
 # routing, qwen3-30b-a3b, 2026-11-30 session 9): gate_up (16 K tiles) 0.89-0.92x the time of one tile
@@ -150,18 +157,20 @@ def num_sms(device: torch.device | None) -> int:
     return _DEFAULT_NUM_SMS
 
 
-def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n: int, k: int, sms: int) -> int:
+def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n: int, k: int, sms: int,
+                programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """Split K in decode so that busy M-blocks x N-blocks x splits fills the GPU."""
     if cfg.block_m > 16:
         return 1
     busy_blocks = min(num_tokens * topk, num_experts)  # every busy expert holds >= 1 M-block
-    return split_for_programs(cfg, busy_blocks * math.ceil(n / cfg.block_n), k, sms)
+    return split_for_programs(cfg, busy_blocks * math.ceil(n / cfg.block_n), k, sms, programs_per_sm)
 
 
-def split_for_programs(cfg: GemmConfig, programs: int, k: int, sms: int) -> int:
-    """Splits of K that bring ``programs`` (M-blocks x N-blocks) to about PROGRAMS_PER_SM per SM,
+def split_for_programs(cfg: GemmConfig, programs: int, k: int, sms: int,
+                       programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Splits of K that bring ``programs`` (M-blocks x N-blocks) to about ``programs_per_sm`` per SM,
     keeping at least MIN_K_STEPS_PER_SPLIT K tiles per program."""
-    want = math.ceil(PROGRAMS_PER_SM * sms / max(programs, 1))
+    want = math.ceil(programs_per_sm * sms / max(programs, 1))
     return max(1, min(want, MAX_SPLIT_K, k // cfg.block_k // MIN_K_STEPS_PER_SPLIT))
 
 
@@ -177,7 +186,8 @@ def select_gemm_config(
         cfg = FP8_PREFILL_CONFIG
     cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, groups))
     sms = sms or num_sms(device)
-    cfg = replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms))
+    per_sm = INT4_PROGRAMS_PER_SM if int4_only and cfg.swap_ab else PROGRAMS_PER_SM
+    cfg = replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms, per_sm))
     if int4_only and cfg.swap_ab and k // cfg.block_k // cfg.split_k >= UNROLL_MIN_K_TILES:
         cfg = replace(cfg, **UNROLLED_DECODE)
     return cfg
