@@ -482,7 +482,10 @@ def test_config_selection():
     # ... and never into programs of fewer than MIN_K_STEPS_PER_SPLIT K tiles (qwen3's down: 6 tiles).
     assert select_gemm_config(1, 8, 128, 2048, 768, [128]).split_k == 1
     # Few huge experts (Mixtral-8x7b gate_up at 1 token: 2 x 448 programs) are split anyway.
-    assert select_gemm_config(1, 2, 8, 28672, 4096, [128]).split_k == 3
+    assert select_gemm_config(1, 2, 8, 28672, 4096, [128], sms=132).split_k == 2
+    # Mixed layers aim at fewer programs per SM than all-fp8 ones: DeepSeek's down (11 K tiles) at 16 tokens.
+    assert select_gemm_config(16, 6, 64, 2048, 1408, [128], sms=132).split_k == 1
+    assert select_gemm_config(16, 6, 64, 2048, 1408, [1408], sms=132, fp8_only=True).split_k == 2
     # Prefill: big tiles, no split.
     prefill = select_gemm_config(8192, 8, 128, 1536, 2048, [128])
     assert prefill.block_m == 128 and prefill.split_k == 1

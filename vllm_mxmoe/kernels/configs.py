@@ -80,6 +80,10 @@ PROGRAMS_PER_SM = 20
 # split 8; Qwen3-30B-A3B gate_up at 4 tokens split 1 0.87x split 3; DeepSeek-V2-Lite down at 16
 # tokens split 1 0.91x split 2.
 INT4_PROGRAMS_PER_SM = 4
+# Other weight-only MoE GEMMs (mixed 2/3/4-bit layers) aim at 12: same sweep, mixed 3.25-bit layers, 1-64
+# tokens: DeepSeek-V2-Lite and Qwen1.5-MoE down (11 K tiles) at 16-64 tokens split 1 0.87-0.92x split 2,
+# Mixtral down split 4 0.97-1.04x split 6-8; 1-4 tokens keep their splits. All-fp8 GEMMs keep 20.
+MIXED_PROGRAMS_PER_SM = 12
 # Decode tiles of all-4-bit GEMMs with long K take two K tiles per loop iteration (GemmConfig.k_unroll)
 # and 3 stages (a stage holds both tiles). Measured on an H200 (benchmarks/decode_probe.py, uniform
 # routing, qwen3-30b-a3b, 2026-11-30 session 9): gate_up (16 K tiles) 0.89-0.92x the time of one tile
@@ -186,7 +190,9 @@ def select_gemm_config(
         cfg = FP8_PREFILL_CONFIG
     cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, groups))
     sms = sms or num_sms(device)
-    per_sm = INT4_PROGRAMS_PER_SM if int4_only and cfg.swap_ab else PROGRAMS_PER_SM
+    per_sm = PROGRAMS_PER_SM if fp8_only else MIXED_PROGRAMS_PER_SM
+    if int4_only and cfg.swap_ab:
+        per_sm = INT4_PROGRAMS_PER_SM
     cfg = replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms, per_sm))
     if int4_only and cfg.swap_ab and k // cfg.block_k // cfg.split_k >= UNROLL_MIN_K_TILES:
         cfg = replace(cfg, **UNROLLED_DECODE)
