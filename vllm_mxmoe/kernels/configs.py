@@ -71,7 +71,8 @@ FP8_PREFILL_CONFIG = GemmConfig(block_m=128, block_n=256, block_k=128, num_warps
 # mostly start-up. Measured on an H200 (tile_sweep.py --split-k 1,2,3,4,6,8, uniform and Zipf
 # routing, 2026-11-30): Mixtral-8x7b's few huge experts gained 1.17x (gate_up, 1 token, split 3)
 # and 1.08-1.11x (down, 16 tokens, split 6) over 4 programs per SM, and the small experts' down at
-# 1 token (6-11 K steps) lost 1.1-1.3x when split into programs of 2-3 steps.
+# 1 token (6-11 K steps) lost 1.1-1.3x when split into programs of 2-3 steps. (Before the two-tile
+# loop; since session 10 this target serves all-fp8 MoE GEMMs and dense linears only.)
 PROGRAMS_PER_SM = 20
 # GEMMs whose blocks are all 4-bit weight-only (the ones that take the two-tile loop below) aim at
 # 4 programs per SM: fewer splits keep their programs long enough for that loop. Measured on an H200
@@ -80,9 +81,11 @@ PROGRAMS_PER_SM = 20
 # split 8; Qwen3-30B-A3B gate_up at 4 tokens split 1 0.87x split 3; DeepSeek-V2-Lite down at 16
 # tokens split 1 0.91x split 2.
 INT4_PROGRAMS_PER_SM = 4
-# Other weight-only MoE GEMMs (mixed 2/3/4-bit layers) aim at 12: same sweep, mixed 3.25-bit layers, 1-64
-# tokens: DeepSeek-V2-Lite and Qwen1.5-MoE down (11 K tiles) at 16-64 tokens split 1 0.87-0.92x split 2,
-# Mixtral down split 4 0.97-1.04x split 6-8; 1-4 tokens keep their splits. All-fp8 GEMMs keep 20.
+# Every other MoE GEMM (mixed layers; uniform 2/3/8-bit ones too, though only mixed 3.25-bit layers were
+# measured) aims at 12: same sweep, 1-64 tokens: DeepSeek-V2-Lite and Qwen1.5-MoE down (11 K tiles) at 16-64
+# tokens split 1 0.87-0.92x split 2, Mixtral down split 4 0.97-1.04x split 6-8; at 1-4 tokens the splits
+# stay as they were except gate_up of Mixtral at 1 token and DeepSeek at 4 (3 -> 2: 0.99x, 0.95x).
+# All-fp8 GEMMs keep 20.
 MIXED_PROGRAMS_PER_SM = 12
 # Decode tiles of all-4-bit GEMMs with long K take two K tiles per loop iteration (GemmConfig.k_unroll)
 # and 3 stages (a stage holds both tiles). Measured on an H200 (benchmarks/decode_probe.py, uniform
