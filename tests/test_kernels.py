@@ -479,8 +479,11 @@ def test_config_selection():
     decode = select_gemm_config(1, 8, 128, 1536, 2048, [128])
     assert decode.block_m == 16 and 1 < decode.split_k <= 2048 // decode.block_k
     assert select_gemm_config(1, 8, 128, 2048, 256, [128]).split_k <= 256 // 128
-    # ... and never into programs of fewer than MIN_K_STEPS_PER_SPLIT K tiles (qwen3's down: 6 tiles).
+    # ... and never into programs of fewer than MOE_MIN_K_STEPS_PER_SPLIT K tiles on average (qwen3's down: 6
+    # tiles, unsplit; its gate_up: 16 tiles, 2 ways; DeepSeek's down: 11 tiles, 2 ways).
     assert select_gemm_config(1, 8, 128, 2048, 768, [128]).split_k == 1
+    assert select_gemm_config(1, 8, 128, 1536, 2048, [128], sms=132).split_k == 2
+    assert select_gemm_config(1, 6, 64, 2048, 1408, [128], sms=132).split_k == 2
     # Few huge experts (Mixtral-8x7b gate_up at 1 token: 2 x 448 programs) are split anyway.
     assert select_gemm_config(1, 2, 8, 28672, 4096, [128], sms=132).split_k == 2
     # Mixed layers aim at fewer programs per SM than all-fp8 ones: DeepSeek's down (11 K tiles) at 16 tokens.

@@ -97,6 +97,12 @@ MIXED_PROGRAMS_PER_SM = 12
 UNROLL_MIN_K_TILES = 16
 UNROLLED_DECODE = {"k_unroll": 2, "num_stages": 3}
 MIN_K_STEPS_PER_SPLIT = 5
+# MoE GEMMs want at least 5.5 K tiles per program on average: K = 2048 (16 tiles) then splits at most 2 ways, not
+# 3, while 11 tiles (K = 1408) still split 2 ways, which their down GEMMs at 1 token need (unsplit: 1.14-1.20x
+# slower). Same call against 5 (decode_probe, session 10, gate_up at 1-4 tokens): Qwen3 w4g128 0.95x at 1 token,
+# mixed 3.25 0.91 / 0.96x at 1 / 4; DeepSeek mixed 0.90 / 0.97x at 1 / 2; Qwen1.5 mixed 0.97 / 0.96x at 2 / 4
+# but 1.07x at 1 token (w4g128 1.03x).
+MOE_MIN_K_STEPS_PER_SPLIT = 5.5
 MAX_SPLIT_K = 8
 _DEFAULT_NUM_SMS = 132  # H100/H200; used when no GPU is visible (CPU interpreter)
 
@@ -170,15 +176,16 @@ def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n
     if cfg.block_m > 16:
         return 1
     busy_blocks = min(num_tokens * topk, num_experts)  # every busy expert holds >= 1 M-block
-    return split_for_programs(cfg, busy_blocks * math.ceil(n / cfg.block_n), k, sms, programs_per_sm)
+    return split_for_programs(cfg, busy_blocks * math.ceil(n / cfg.block_n), k, sms, programs_per_sm,
+                              MOE_MIN_K_STEPS_PER_SPLIT)
 
 
 def split_for_programs(cfg: GemmConfig, programs: int, k: int, sms: int,
-                       programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+                       programs_per_sm: int = PROGRAMS_PER_SM, min_steps: float = MIN_K_STEPS_PER_SPLIT) -> int:
     """Splits of K that bring ``programs`` (M-blocks x N-blocks) to about ``programs_per_sm`` per SM,
-    keeping at least MIN_K_STEPS_PER_SPLIT K tiles per program."""
+    keeping at least ``min_steps`` K tiles per program on average."""
     want = math.ceil(programs_per_sm * sms / max(programs, 1))
-    return max(1, min(want, MAX_SPLIT_K, k // cfg.block_k // MIN_K_STEPS_PER_SPLIT))
+    return max(1, min(want, MAX_SPLIT_K, int(k // cfg.block_k / min_steps)))
 
 
 def select_gemm_config(
