@@ -42,7 +42,7 @@ from vllm_mxmoe.format import FP8_MAX, QuantizedWeight, encode  # noqa: E402
 from vllm_mxmoe.kernels import align as align_mod  # noqa: E402
 from vllm_mxmoe.kernels import csrc_ext  # noqa: E402
 from vllm_mxmoe.kernels.align import align_routing  # noqa: E402
-from vllm_mxmoe.kernels.configs import default_dequant, select_gemm_config  # noqa: E402
+from vllm_mxmoe.kernels.configs import config_for_key, default_dequant  # noqa: E402
 from vllm_mxmoe.kernels.act_quant import quantize_fp8_per_token, silu_and_mul  # noqa: E402
 from vllm_mxmoe.kernels.fused_moe import gemm_key, mxmoe_fused_experts, select_configs  # noqa: E402
 from vllm_mxmoe.kernels.grouped_gemm import grouped_gemm, needs_fp8_activations  # noqa: E402
@@ -572,9 +572,7 @@ def _ptable_case(scheme: str, n: int, k: int, rows: int, fill: bool = True):
     w = make_weights([scheme] * PTABLE_EXPERTS, n, k, seed=11, fill=fill)
     tokens = PTABLE_EXPERTS * rows
     ids = torch.arange(PTABLE_EXPERTS, device=DEVICE, dtype=torch.int32).repeat_interleave(rows)[:, None]
-    _, _, groups, fp8_only, int4_only = gemm_key(w)
-    cfg = select_gemm_config(tokens, 1, PTABLE_EXPERTS, n, k, groups, torch.device(DEVICE), fp8_only=fp8_only,
-                             int4_only=int4_only)
+    cfg = config_for_key(gemm_key(w), tokens, 1, PTABLE_EXPERTS, torch.device(DEVICE))
     routing = align_routing(ids, PTABLE_EXPERTS, cfg.block_m)
     a = torch.randn(tokens, k, device=DEVICE, dtype=DTYPE)
     a8 = quantize_fp8_per_token(a) if needs_fp8_activations(w) else None

@@ -519,9 +519,10 @@ def test_config_selection():
 
 def test_warmup_signatures_cover_every_token_count():
     from vllm_mxmoe.kernels import warmup
-    from vllm_mxmoe.kernels.configs import select_gemm_config
+    from vllm_mxmoe.kernels.configs import GemmKey, select_gemm_config
 
-    g1, g2 = (1536, 2048, (128,), False, True), (2048, 768, (128,), True, False)  # gate_up w4, down w8a8fp8
+    g1 = GemmKey(1536, 2048, (128,), fp8_only=False, int4_only=True)  # gate_up w4g128
+    g2 = GemmKey(2048, 768, (128,), fp8_only=True, int4_only=False)  # down w8a8fp8
     sigs = warmup.signature_token_counts(4096, 8, 128, g1, g2, 132)
     first = {sig: t for t, sig in sigs}
     assert len(first) == len(sigs) and 2 < len(sigs) < 64, len(sigs)
@@ -534,12 +535,13 @@ def test_warmup_signatures_cover_every_token_count():
 
 def test_warmup_runs_each_signature_once():
     from vllm_mxmoe.kernels import warmup
+    from vllm_mxmoe.kernels.configs import GemmKey
 
     gen = torch.Generator().manual_seed(6)
     w13 = make_weights(["w4g128", "w2g64", "w8"], 256, 128, gen)
     w2 = make_weights(["w3g64", "w4g128", "w8"], 128, 128, gen)
     launches, _ = warmup.warm_up_layer(w13, w2, topk=2, max_tokens=24, dtype=DTYPE)
-    g1, g2 = (256, 128, (64, 128), False, False), (128, 128, (64, 128), False, False)
+    g1, g2 = GemmKey(256, 128, (64, 128)), GemmKey(128, 128, (64, 128))
     expected = len(warmup.signature_token_counts(24, 2, 3, g1, g2, 132))
     assert launches == expected > 1
     assert warmup.warm_up_layer(w13, w2, topk=2, max_tokens=24, dtype=DTYPE)[0] == 0  # already compiled

@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -171,7 +172,7 @@ def num_sms(device: torch.device | None) -> int:
 
 
 def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n: int, k: int, sms: int,
-                programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+                programs_per_sm: int) -> int:
     """Split K in decode so that busy M-blocks x N-blocks x splits fills the GPU."""
     if cfg.block_m > 16:
         return 1
@@ -200,10 +201,26 @@ def select_gemm_config(
         cfg = FP8_PREFILL_CONFIG
     cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, groups))
     sms = sms or num_sms(device)
-    per_sm = PROGRAMS_PER_SM if fp8_only else MIXED_PROGRAMS_PER_SM
-    if int4_only and cfg.swap_ab:
-        per_sm = INT4_PROGRAMS_PER_SM
+    int4_decode = int4_only and cfg.swap_ab  # the tiles that may take the two-tile loop
+    per_sm = INT4_PROGRAMS_PER_SM if int4_decode else PROGRAMS_PER_SM if fp8_only else MIXED_PROGRAMS_PER_SM
     cfg = replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms, per_sm))
-    if int4_only and cfg.swap_ab and k // cfg.block_k // cfg.split_k >= UNROLL_MIN_K_TILES:
+    if int4_decode and k // cfg.block_k // cfg.split_k >= UNROLL_MIN_K_TILES:
         cfg = replace(cfg, **UNROLLED_DECODE)
     return cfg
+
+
+class GemmKey(NamedTuple):
+    """What a GEMM's config depends on besides the token count (fused_moe.gemm_key builds it from weights)."""
+
+    n: int
+    k: int
+    groups: tuple[int, ...]
+    fp8_only: bool = False  # every block is w8a8fp8
+    int4_only: bool = False  # every block is 4-bit weight-only in fragment order
+
+
+def config_for_key(key: GemmKey, num_tokens: int, topk: int, num_experts: int, device=None,
+                   sms: int | None = None) -> GemmConfig:
+    """select_gemm_config for the GEMM ``key`` describes."""
+    return select_gemm_config(num_tokens, topk, num_experts, key.n, key.k, key.groups, device, sms=sms,
+                              fp8_only=key.fp8_only, int4_only=key.int4_only)

@@ -17,7 +17,7 @@ import triton.language as tl
 from . import csrc_ext
 from .act_quant import quantize_fp8_per_token, silu_and_mul
 from .align import align_routing
-from .configs import GemmConfig, select_gemm_config
+from .configs import GemmConfig, GemmKey, config_for_key
 from .grouped_gemm import all_int4_fragment, all_w8a8fp8, grouped_gemm, needs_fp8_activations
 from .layout import ExpertGemmWeights
 
@@ -58,18 +58,13 @@ def select_configs(
 ) -> tuple[GemmConfig, GemmConfig]:
     """Configs of (GEMM1, GEMM2) for this token count; both share BLOCK_M (see configs.py)."""
     e = w13.num_experts
-    configs = []
-    for w in (w13, w2):
-        n, k, groups, fp8_only, int4_only = gemm_key(w)
-        configs.append(select_gemm_config(num_tokens, topk, e, n, k, groups, device, fp8_only=fp8_only,
-                                          int4_only=int4_only))
-    return configs[0], configs[1]
+    return (config_for_key(gemm_key(w13), num_tokens, topk, e, device),
+            config_for_key(gemm_key(w2), num_tokens, topk, e, device))
 
 
-def gemm_key(w: ExpertGemmWeights) -> tuple[int, int, tuple[int, ...], bool, bool]:
-    """What a GEMM's config depends on besides the token count: (N, K, group sizes, all w8a8fp8,
-    all 4-bit weight-only in fragment order)."""
-    return w.n, w.k, w.group_sizes(), all_w8a8fp8(w), all_int4_fragment(w)
+def gemm_key(w: ExpertGemmWeights) -> GemmKey:
+    """What a GEMM's config depends on besides the token count."""
+    return GemmKey(w.n, w.k, w.group_sizes(), all_w8a8fp8(w), all_int4_fragment(w))
 
 
 def mxmoe_fused_experts(

@@ -20,7 +20,7 @@ import time
 import torch
 
 from . import align as align_mod
-from .configs import num_sms, select_gemm_config
+from .configs import GemmKey, config_for_key, num_sms
 from .grouped_gemm import layer_kinds
 from .layout import ExpertGemmWeights
 
@@ -42,18 +42,18 @@ def _align_variant(num_slots: int, num_experts: int, block_m: int) -> tuple:
 @functools.lru_cache(maxsize=64)
 def signature_token_counts(
     max_tokens: int, topk: int, num_experts: int,
-    gemm1: tuple[int, int, tuple[int, ...], bool, bool], gemm2: tuple[int, int, tuple[int, ...], bool, bool], sms: int,
+    gemm1: GemmKey, gemm2: GemmKey, sms: int,
 ) -> tuple[tuple[int, tuple], ...]:
     """(smallest token count, signature) for each distinct launch signature in 1..max_tokens.
 
-    gemm1/gemm2 are fused_moe.gemm_key's (N, K, group sizes, all w8a8fp8, all int4 fragment); the signature is
+    gemm1/gemm2 are fused_moe.gemm_key's; the signature is
     both GEMM configs and the alignment variant, which together fix every constexpr of the
     layer's kernels.
     """
     seen: dict[tuple, int] = {}
     for t in range(1, max_tokens + 1):
-        cfg1 = select_gemm_config(t, topk, num_experts, *gemm1[:3], sms=sms, fp8_only=gemm1[3], int4_only=gemm1[4])
-        cfg2 = select_gemm_config(t, topk, num_experts, *gemm2[:3], sms=sms, fp8_only=gemm2[3], int4_only=gemm2[4])
+        cfg1 = config_for_key(gemm1, t, topk, num_experts, sms=sms)
+        cfg2 = config_for_key(gemm2, t, topk, num_experts, sms=sms)
         sig = (cfg1, cfg2, _align_variant(t * topk, num_experts, cfg1.block_m))
         seen.setdefault(sig, t)
     return tuple((t, sig) for sig, t in seen.items())
