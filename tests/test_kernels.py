@@ -128,12 +128,11 @@ def _lane_positions(c: int, j: int, field: int, bits: int) -> int:
     """K position (in a 128-chunk) that lane c's word j, field ``field``, holds in fragment order."""
     if bits == 4:  # j = (k5, k6), field = k3 + 2 k4 + 4 k0
         return (field >> 2) + 2 * c + 8 * (field & 1) + 16 * ((field >> 1) & 1) + 32 * j
-    if bits == 2:  # j = k6, field = k3 + 2 k4 + 4 k5 + 8 k0
-        return (field >> 3) + 2 * c + 8 * (field & 7) + 64 * j
-    return (field >> 4) + 2 * c + 8 * (field & 15)  # 1 bit: one word, bit = k3 + 2 k4 + 4 k5 + 8 k6 + 16 k0
+    assert bits == 2  # j = k6, field = k3 + 2 k4 + 4 k5 + 8 k0
+    return (field >> 3) + 2 * c + 8 * (field & 7) + 64 * j
 
 
-@pytest.mark.parametrize("name", ["w4g128", "w4", "w4g256_sym", "w2g128", "w2", "w3g128", "w3_sym"])
+@pytest.mark.parametrize("name", ["w4g128", "w4", "w4g256_sym", "w2g128", "w2"])
 def test_fragment_order_puts_each_lanes_k_positions_in_its_words(name):
     gen = torch.Generator().manual_seed(5)
     n, k = 3, 256
@@ -141,19 +140,45 @@ def test_fragment_order_puts_each_lanes_k_positions_in_its_words(name):
     codes = torch.randint(0, 1 << scheme.bits, (n, k), generator=gen, dtype=torch.int32)
     stored = to_kernel_order(scheme, pack(codes, scheme.bits))
     assert from_kernel_order(scheme, stored).equal(pack(codes, scheme.bits))
-    planes = [(scheme.bits, stored, codes)]
-    if scheme.bits == 3:  # a 2-bit plane of the low bits, then a 1-bit plane of bit 2
-        planes = [(2, stored[:, : k // 16], codes & 3), (1, stored[:, k // 16 :], codes >> 2)]
     pos = torch.arange(k).reshape(k // 128, 128)
-    for bits, words, want in planes:
-        per_lane = bits  # words per lane per 128-chunk
-        got = unpack(words, bits) if bits > 1 else ((words.unsqueeze(-1) >> torch.arange(32)) & 1).reshape(n, -1)
-        got = got.reshape(n, k // 128, 4, per_lane, 32 // bits)  # [row, chunk, lane, word, field]
-        for c in range(4):
-            for j in range(per_lane):
-                for f in range(32 // bits):
-                    kk = _lane_positions(c, j, f, bits)
-                    assert torch.equal(got[:, :, c, j, f], want[:, pos[:, kk]]), (bits, c, j, f)
+    bits = scheme.bits
+    per_lane = bits  # words per lane per 128-chunk
+    got = unpack(stored, bits).reshape(n, k // 128, 4, per_lane, 32 // bits)  # [row, chunk, lane, word, field]
+    for c in range(4):
+        for j in range(per_lane):
+            for f in range(32 // bits):
+                kk = _lane_positions(c, j, f, bits)
+                assert torch.equal(got[:, :, c, j, f], codes[:, pos[:, kk]]), (bits, c, j, f)
+
+
+@pytest.mark.parametrize("name", ["w3g128", "w3_sym"])
+def test_three_bit_fragment_order_keeps_lane_codes_in_nibbles_and_spare_bits(name):
+    # layout._w3_fragment_bits: low word x = 2c + k6 of a chunk's 8, high word c of its 4 (shifted by 8 k6);
+    # weight (i = k3 + 2 k4, k5, k0): i < 2 nibble i + 2 k5 of x, i = 2 nibble k5 of xh, i = 3 the spare
+    # bits (bit 3) of x's nibbles k5 and 2 + k5 and of xh's nibble k5; k0 = 1 is 16 bits up.
+    gen = torch.Generator().manual_seed(6)
+    n, k = 3, 256
+    scheme = parse_scheme(name)
+    codes = torch.randint(0, 8, (n, k), generator=gen, dtype=torch.int32)
+    stored = to_kernel_order(scheme, pack(codes, 3))
+    assert from_kernel_order(scheme, stored).equal(pack(codes, 3))
+    low = stored[:, : k // 16].reshape(n, k // 128, 8).long() & 0xFFFFFFFF
+    high = stored[:, k // 16 :].reshape(n, k // 128, 4).long() & 0xFFFFFFFF
+
+    def nibble(word, m):
+        return (word >> (4 * m)) & 15
+
+    for kk in range(128):
+        k0, c, k3, k4, k5, k6 = kk & 1, (kk >> 1) & 3, (kk >> 3) & 1, (kk >> 4) & 1, (kk >> 5) & 1, kk >> 6
+        i = k3 + 2 * k4
+        x, xh = low[:, :, 2 * c + k6] >> (16 * k0), high[:, :, c] >> (8 * k6 + 16 * k0)
+        if i < 2:
+            got = nibble(x, i + 2 * k5) & 7
+        elif i == 2:
+            got = nibble(xh, k5) & 7
+        else:
+            got = (nibble(x, k5) >> 3) | ((nibble(x, 2 + k5) >> 3) << 1) | ((nibble(xh, k5) >> 3) << 2)
+        assert torch.equal(got.int(), codes.reshape(n, k // 128, 128)[:, :, kk]), kk
 
 
 def test_store_block_round_trips_through_block():
@@ -223,6 +248,8 @@ def test_align_routing(num_tokens, topk, num_experts, block_m, local, one_progra
         (FRAGMENT_SCHEMES, 512, GemmConfig(16, 32, 256, 4, 1, split_k=1)),
         # two K tiles per loop iteration: 5 tiles split 2 + 3 (pairs, then one tile after the loop)
         (FRAGMENT_SCHEMES, 640, GemmConfig(16, 32, 128, 4, 1, split_k=2, k_unroll=2)),
+        # fragment blocks read by 32-K tiles (a quarter chunk; 3 bits: the k5 half picked at run time)
+        (FRAGMENT_SCHEMES, 256, GemmConfig(16, 32, 32, 4, 1, split_k=1)),
     ],
 )
 def test_grouped_gemm_mixed(schemes, k, cfg, dequant, swap_ab):

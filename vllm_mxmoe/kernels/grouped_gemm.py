@@ -17,7 +17,9 @@ scheme; all branches live in one kernel, so they share num_warps:
   so they unpack as 2-bit words plus one LOP3 per pair; 2/3/4-bit blocks with
   128-aligned groups are further kept in fragment order (layout.is_fragment_ordered):
   each lane's words hold exactly its K positions of the MMA operand, so their tile
-  is dequantized straight into the register operand (W x A^T, HAS_W*_FRAGMENT);
+  is dequantized straight into the register operand (W x A^T, HAS_W*_FRAGMENT), and
+  their 2/3-bit codes decode in place (_decode_pair; 3 bits in nibbles and spare
+  bits, layout._w3_fragment_bits) at about a 4-bit pair's cost;
 * fp8 weights, fp8 activations (w8a8fp8): fp8 x fp8 tl.dot, per-channel
   weight scale and per-token activation scale applied once after the loop;
 * int4 weights, fp8 activations (w4a8fp8): ``q - 8`` is exact in e4m3, so
@@ -281,44 +283,89 @@ _ASM_W2_F16, _ASM_W2_BF16 = tl.constexpr(_asm_pairs(2, True)), tl.constexpr(_asm
 _ASM_W3_F16, _ASM_W3_BF16 = tl.constexpr(_asm_pairs_w3(True)), tl.constexpr(_asm_pairs_w3(False))
 
 
-def _asm_pairs_in_word(bits: int, fp16: bool) -> str:
-    """PTX for one word ($F, $F+1 the same word; F = 16 / field width outputs, pack=2) -> F pairs
-    (field i, field i + F) minus the zero point, unscaled, in $0..$F-1: one SHR + LOP3 + FMA each.
-    3 bits: the word is the 2-bit plane's, and the bit-2 word ($F+2, $F+3 the same) has bits i and
-    i + 16 for pair i. The last input is -(zero + magic)."""
-    step = 2 if bits == 3 else bits  # field width in the word
-    f = 16 // step
+def _pow2_pair(exp: int, fp16: bool) -> str:
+    """2^exp in both halves of an f16x2/bf16x2 register (exp >= -14)."""
+    half = (15 + exp) << 10 if fp16 else (127 + exp) << 7
+    return hex(half * 0x10001)
+
+
+def _decode_pair(out: str, src: str, bits: int, shift: int, fp16: bool) -> list[str]:
+    """PTX: the pair of bits-wide fields at bits shift and 16 + shift of src -> out = q - (zero + magic).
+
+    A field inside bits 0-6 lies in the mantissa of a bf16 (and of an f16) magic number: one LOP3
+    (mask | magic) makes magic + 2^shift q, and the FMA with 2^-shift and nz{shift} = -(zero + magic
+    / 2^shift) gives q - zero exactly, so a word need not be shifted for every field. Registers
+    scale{shift} and nz{shift} must hold 2^-shift and that zero term."""
+    assert shift + bits <= 7
+    mask = ((1 << bits) - 1) << shift
     typ = "f16x2" if fp16 else "bf16x2"
-    one = "0x3C003C00" if fp16 else "0x3F803F80"
-    mask = "0x000f000f" if bits == 4 else "0x00030003"
-    word = f"${f}"
-    nz = f"${f + 4}" if bits == 3 else f"${f + 2}"
-    regs = "t, u, v, one" if bits == 3 else "t, u, one"
-    lines = ["{", f".reg .b32 {regs};", f"mov.b32 one, {one};"]
-    for i in range(f):
-        src = word
+    return [f"lop3.b32 t, {src}, {hex(mask * 0x10001)}, {hex(_magic(fp16))}, 0xea;",
+            f"fma.rn.{typ} {out}, t, scale{shift}, nz{shift};"]
+
+
+def _pair_registers(shifts: tuple[int, ...], nz_inputs: list[str], fp16: bool) -> list[str]:
+    regs = ", ".join(f"scale{s}, nz{s}" for s in shifts)
+    lines = [f".reg .b32 t, u, a, b, {regs};"]
+    for s, nz in zip(shifts, nz_inputs):
+        lines += [f"mov.b32 scale{s}, {_pow2_pair(-s, fp16)};", f"mov.b32 nz{s}, {nz};"]
+    return lines
+
+
+def _asm_w4_in_word(fp16: bool) -> str:
+    """4-bit: one word ($4, $5 the same word) -> 4 pairs (nibble i, i + 4) minus the zero point, unscaled,
+    in $0..$3; $6 = -(zero + magic). A nibble at bit 4 would reach a bf16's exponent, so every nibble
+    but the first is shifted down: SHR + LOP3 + FMA each."""
+    lines = ["{", *_pair_registers((0,), ["$6"], fp16)]
+    for i in range(4):
+        src = "$4"
         if i:
-            lines.append(f"shr.u32 u, {word}, {step * i};")
+            lines.append(f"shr.u32 u, $4, {4 * i};")
             src = "u"
-        lines.append(f"lop3.b32 t, {src}, {mask}, {hex(_magic(fp16))}, 0xea;")
-        if bits == 3:
-            lines.append(_shift_to_bit2(f"${f + 2}", i))
-            lines.append("lop3.b32 t, v, 0x00040004, t, 0xea;")
-        lines.append(f"fma.rn.{typ} ${i}, t, one, {nz};")
+        lines += _decode_pair(f"${i}", src, 4, 0, fp16)
     lines.append("}")
     return "\n".join(lines)
 
 
-def _asm_in_word_constraints(bits: int) -> str:
-    """F outputs, then the word twice (and the bit-2 word twice), -(zero + magic)."""
-    f = 16 // (2 if bits == 3 else bits)
-    return ",".join(["=r"] * f + ["r"] * (5 if bits == 3 else 3))
+def _asm_w2_in_word(fp16: bool) -> str:
+    """2-bit: one word ($8, $9 the same word) -> 8 pairs (field i, i + 8) minus the zero point, unscaled,
+    in $0..$7; $10, $11, $12 = -(zero + magic / 2^s) for s = 0, 2, 4. Fields 3j..3j+2 decode from the
+    word shifted by 6j (_decode_pair): two shifts per word instead of seven."""
+    lines = ["{", *_pair_registers((0, 2, 4), ["$10", "$11", "$12"], fp16)]
+    for i in range(8):
+        src = "$8"
+        if i >= 3:
+            if i % 3 == 0:
+                lines.append(f"shr.u32 u, $8, {2 * i};")
+            src = "u"
+        lines += _decode_pair(f"${i}", src, 2, 2 * (i % 3), fp16)
+    lines.append("}")
+    return "\n".join(lines)
 
 
-_ASM_W4P_F16, _ASM_W4P_BF16 = tl.constexpr(_asm_pairs_in_word(4, True)), tl.constexpr(_asm_pairs_in_word(4, False))
-_ASM_W2P_F16, _ASM_W2P_BF16 = tl.constexpr(_asm_pairs_in_word(2, True)), tl.constexpr(_asm_pairs_in_word(2, False))
-_ASM_W3P_F16, _ASM_W3P_BF16 = tl.constexpr(_asm_pairs_in_word(3, True)), tl.constexpr(_asm_pairs_in_word(3, False))
-_CONS_4P, _CONS_2P, _CONS_3P = (tl.constexpr(_asm_in_word_constraints(b)) for b in (4, 2, 3))
+def _asm_w3_in_word(fp16: bool) -> str:
+    """3-bit (layout._w3_fragment_bits): low-plane word x ($8, $9) and high-plane word xh ($10, $11,
+    already shifted by 8 k6) -> 8 pairs, field i + 4 k5 (i = k3 + 2 k4) in $i + 4 k5, minus the zero
+    point, unscaled; $12, $13 = -(zero + magic), -(zero + magic / 16). Codes sit in nibble 0 or 1 of
+    x, x >> 8, xh and s, the word of gathered spare bits: one LOP3 + FMA per pair."""
+    lines = ["{", *_pair_registers((0, 4), ["$12", "$13"], fp16)]
+    lines += _decode_pair("$0", "$8", 3, 0, fp16) + _decode_pair("$1", "$8", 3, 4, fp16)
+    lines.append("shr.u32 u, $8, 8;")
+    lines += _decode_pair("$4", "u", 3, 0, fp16) + _decode_pair("$5", "u", 3, 4, fp16)
+    lines += _decode_pair("$2", "$10", 3, 0, fp16) + _decode_pair("$6", "$10", 3, 4, fp16)
+    # s: bit 0 of each nibble from x's nibble spare bits (bit 3), bit 1 from those two nibbles up,
+    # bit 2 from xh's; LOP3 0xe4 = (a & c) | (b & ~c) selects by the mask in c.
+    lines += ["shr.u32 a, $8, 3;", "shr.u32 b, $8, 10;", "lop3.b32 a, a, b, 0x11111111, 0xe4;",
+              "shr.u32 b, $10, 1;", "lop3.b32 u, a, b, 0x33333333, 0xe4;"]
+    lines += _decode_pair("$3", "u", 3, 0, fp16) + _decode_pair("$7", "u", 3, 4, fp16)
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_ASM_W4P_F16, _ASM_W4P_BF16 = tl.constexpr(_asm_w4_in_word(True)), tl.constexpr(_asm_w4_in_word(False))
+_ASM_W2P_F16, _ASM_W2P_BF16 = tl.constexpr(_asm_w2_in_word(True)), tl.constexpr(_asm_w2_in_word(False))
+_ASM_W3P_F16, _ASM_W3P_BF16 = tl.constexpr(_asm_w3_in_word(True)), tl.constexpr(_asm_w3_in_word(False))
+# Outputs, then the word(s) twice (pack = 2), then the zero terms.
+_CONS_4P, _CONS_2P, _CONS_3P = (tl.constexpr(",".join(["=r"] * f + ["r"] * n)) for f, n in ((4, 3), (8, 5), (8, 6)))
 _CONS_8, _CONS_16, _CONS_W3 = (tl.constexpr(",".join(["=r"] * f + ["r"] * (2 * n + 2)))
                                for f, n in ((8, 1), (16, 1), (16, 2)))
 
@@ -451,16 +498,36 @@ def _dequant_tile_w4_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzero
 
 
 @triton.jit
-def _frag_field(x, xh, i: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr):
-    """Pure-Triton twin of _asm_pairs_in_word: field i of words x minus the zero point (nzero =
-    -(zero + magic)), times scale if SCALED; 3 bits: x is the 2-bit plane, bit 2 from bit i of xh."""
+def _w3_spare_codes(x, xh):
+    """The codes kept in spare bits (layout._w3_fragment_bits), gathered into nibbles 0 and 1 (k5 = 0, 1)
+    of one word: _asm_w3_in_word's s, computed once per word for both fields."""
+    return ((x >> 3) & 0x11111111) | ((x >> 10) & 0x22222222) | ((xh >> 1) & 0x44444444)
+
+
+@triton.jit
+def _w3_fragment_code(x, xh, xs, i: tl.constexpr, k5):
+    """Code of field i + 4 k5 (i = k3 + 2 k4 < 4; k5 may be a runtime value) from low-plane words x,
+    high-plane words xh >> 8 k6 and their spare codes xs, as layout._w3_fragment_bits places it."""
+    if i < 2:
+        return (x >> (4 * (i + 2 * k5))) & 7
+    elif i == 2:
+        return (xh >> (4 * k5)) & 7
+    else:
+        return (xs >> (4 * k5)) & 7
+
+
+@triton.jit
+def _frag_field(x, xh, i: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr,
+                k5=0, xs=0):
+    """Pure-Triton twin of the _asm_w*_in_word decoders: field i of words x minus the zero point (nzero =
+    -(zero + magic)), times scale if SCALED; 3 bits: field i + 4 k5 of _w3_fragment_code."""
     MAGIC_BITS: tl.constexpr = 0x6400 if DTYPE == tl.float16 else 0x4300
     if BITS == 4:
         q = (x >> (4 * i)) & 15
-    else:
+    elif BITS == 2:
         q = (x >> (2 * i)) & 3
-    if BITS == 3:
-        q = q | (((xh >> i) & 1) << 2)
+    else:
+        q = _w3_fragment_code(x, xh, xs, i % 4, i // 4 + k5)
     q = q | MAGIC_BITS
     w = q.to(tl.int16).to(DTYPE, bitcast=True) + nzero
     if SCALED:
@@ -469,26 +536,32 @@ def _frag_field(x, xh, i: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE:
 
 
 @triton.jit
-def _frag_fields4(x, xh, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr):
+def _frag_fields4(x, xh, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr, k5=0):
     """Fields 0-3 of _frag_field, joined as (f0, f2), (f1, f3) like the 4-bit asm path's outputs."""
-    f0 = _frag_field(x, xh, 0, BITS, scale, nzero, DTYPE, SCALED)
-    f1 = _frag_field(x, xh, 1, BITS, scale, nzero, DTYPE, SCALED)
-    f2 = _frag_field(x, xh, 2, BITS, scale, nzero, DTYPE, SCALED)
-    f3 = _frag_field(x, xh, 3, BITS, scale, nzero, DTYPE, SCALED)
+    xs = x
+    if BITS == 3:
+        xs = _w3_spare_codes(x, xh)
+    f0 = _frag_field(x, xh, 0, BITS, scale, nzero, DTYPE, SCALED, k5, xs)
+    f1 = _frag_field(x, xh, 1, BITS, scale, nzero, DTYPE, SCALED, k5, xs)
+    f2 = _frag_field(x, xh, 2, BITS, scale, nzero, DTYPE, SCALED, k5, xs)
+    f3 = _frag_field(x, xh, 3, BITS, scale, nzero, DTYPE, SCALED, k5, xs)
     return tl.join(tl.join(f0, f2), tl.join(f1, f3))
 
 
 @triton.jit
 def _frag_fields8(x, xh, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr):
     """Fields 0-7 of _frag_field, in _join8's order."""
-    return _join8(_frag_field(x, xh, 0, BITS, scale, nzero, DTYPE, SCALED),
-                  _frag_field(x, xh, 1, BITS, scale, nzero, DTYPE, SCALED),
-                  _frag_field(x, xh, 2, BITS, scale, nzero, DTYPE, SCALED),
-                  _frag_field(x, xh, 3, BITS, scale, nzero, DTYPE, SCALED),
-                  _frag_field(x, xh, 4, BITS, scale, nzero, DTYPE, SCALED),
-                  _frag_field(x, xh, 5, BITS, scale, nzero, DTYPE, SCALED),
-                  _frag_field(x, xh, 6, BITS, scale, nzero, DTYPE, SCALED),
-                  _frag_field(x, xh, 7, BITS, scale, nzero, DTYPE, SCALED))
+    xs = x
+    if BITS == 3:
+        xs = _w3_spare_codes(x, xh)
+    return _join8(_frag_field(x, xh, 0, BITS, scale, nzero, DTYPE, SCALED, 0, xs),
+                  _frag_field(x, xh, 1, BITS, scale, nzero, DTYPE, SCALED, 0, xs),
+                  _frag_field(x, xh, 2, BITS, scale, nzero, DTYPE, SCALED, 0, xs),
+                  _frag_field(x, xh, 3, BITS, scale, nzero, DTYPE, SCALED, 0, xs),
+                  _frag_field(x, xh, 4, BITS, scale, nzero, DTYPE, SCALED, 0, xs),
+                  _frag_field(x, xh, 5, BITS, scale, nzero, DTYPE, SCALED, 0, xs),
+                  _frag_field(x, xh, 6, BITS, scale, nzero, DTYPE, SCALED, 0, xs),
+                  _frag_field(x, xh, 7, BITS, scale, nzero, DTYPE, SCALED, 0, xs))
 
 
 @triton.jit
@@ -496,13 +569,13 @@ def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzer
                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
                            SCALED: tl.constexpr):
     """2/3-bit tile [BLOCK_N, BLOCK_K] of q - zero (times scale if SCALED; the asm never scales) in K
-    order, read from a block in fragment order (layout._fragment_slots).
+    order, read from a block in fragment order (layout._fragment_slots, layout._w3_fragment_bits).
 
-    The 2-bit words (3 bits: the low-bit plane) hold lane c's K positions in word 2c + k6 of a
-    128-chunk, field k3 + 2 k4 + 4 k5 + 8 k0; the bit-2 plane's word c of the chunk holds bit 2
-    of field i of word 2c + k6 at bits i + 8 k6 (k0 = 0) and + 16 (k0 = 1). As in
-    _dequant_tile_w4_frag, the reshapes only relabel registers. Tiles of 32 or 64 K read their
-    words of a chunk (32: the half of each word's fields with that k5, in plain Triton).
+    The 2-bit words hold lane c's K positions in word 2c + k6 of a 128-chunk, field k3 + 2 k4 +
+    4 k5 + 8 k0. 3-bit blocks keep the same words as their low plane and a high plane of one word
+    per lane and chunk, whose bytes 0 and 2 (k6 = 0) or 1 and 3 (k6 = 1) go with low word 2c + k6.
+    As in _dequant_tile_w4_frag, the reshapes only relabel registers. Tiles of 32 or 64 K read
+    their words of a chunk (32: the fields with that k5, in plain Triton).
     """
     row = w_ptr + offs_n[:, None] * words_per_row
     if BLOCK_K >= 128:
@@ -514,15 +587,16 @@ def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzer
         hw = (k0 // 128) * 4 + lane
     lo = tl.load(row + lw[None, :], mask=n_mask[:, None], other=0)
     hi = lo
+    k5 = 0
     if BITS == 3:
         hi = tl.load(row + words_per_row // 3 * 2 + hw[None, :], mask=n_mask[:, None], other=0)
         if BLOCK_K >= 128:
             hi = tl.reshape(tl.join(hi, hi >> 8), (BLOCK_N, BLOCK_K // 16))  # per low word: [C, k2, k1, k6]
-        elif BLOCK_K == 64:
-            hi = hi >> (8 * ((k0 // 64) % 2))
         else:
-            hi = hi >> (8 * ((k0 // 64) % 2) + 4 * ((k0 // 32) % 2))
-    if BLOCK_K == 32:
+            hi = hi >> (8 * ((k0 // 64) % 2))
+        if BLOCK_K == 32:
+            k5 = (k0 // 32) % 2
+    elif BLOCK_K == 32:
         lo = lo >> (8 * ((k0 // 32) % 2))  # fields 4 k5 .. 4 k5 + 3 (and + 8) become 0..3
     x = tl.join(lo, lo)  # an asm call (pack=2) gets one word twice
     xh = tl.join(hi, hi)
@@ -530,25 +604,30 @@ def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzer
     nz = nzero[:, :, None]
     if USE_ASM and BLOCK_K >= 64:
         tl.static_assert(not SCALED)
+        # -(zero + magic / 4) and -(zero + magic / 16): exact, nzero being an integer in [-255, -128]
+        # (bf16) or [-2047, -1024] (f16).
+        MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
+        nz4 = (nz.to(tl.float32) + 0.75 * MAGIC).to(DTYPE)
+        nz16 = (nz.to(tl.float32) + 0.9375 * MAGIC).to(DTYPE)
         if BITS == 2:
             if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
-                o = tl.inline_asm_elementwise(_ASM_W2P_F16, _CONS_2P, [x, nz],
+                o = tl.inline_asm_elementwise(_ASM_W2P_F16, _CONS_2P, [x, nz, nz4, nz16],
                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16,
                                                      tl.float16, tl.float16, tl.float16, tl.float16),
                                               is_pure=True, pack=2)
             else:
-                o = tl.inline_asm_elementwise(_ASM_W2P_BF16, _CONS_2P, [x, nz],
+                o = tl.inline_asm_elementwise(_ASM_W2P_BF16, _CONS_2P, [x, nz, nz4, nz16],
                                               dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
                                                      tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                               is_pure=True, pack=2)
         else:
             if DTYPE == tl.float16:
-                o = tl.inline_asm_elementwise(_ASM_W3P_F16, _CONS_3P, [x, xh, nz],
+                o = tl.inline_asm_elementwise(_ASM_W3P_F16, _CONS_3P, [x, xh, nz, nz16],
                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16,
                                                      tl.float16, tl.float16, tl.float16, tl.float16),
                                               is_pure=True, pack=2)
             else:
-                o = tl.inline_asm_elementwise(_ASM_W3P_BF16, _CONS_3P, [x, xh, nz],
+                o = tl.inline_asm_elementwise(_ASM_W3P_BF16, _CONS_3P, [x, xh, nz, nz16],
                                               dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
                                                      tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                               is_pure=True, pack=2)
@@ -560,7 +639,7 @@ def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzer
         if BLOCK_K >= 64:
             t = _frag_fields8(x, xh, BITS, sc, nz, DTYPE, SCALED)
         else:
-            t = _frag_fields4(x, xh, BITS, sc, nz, DTYPE, SCALED)
+            t = _frag_fields4(x, xh, BITS, sc, nz, DTYPE, SCALED, k5)
     return _fragment_tile_to_k_order(t, BLOCK_N, BLOCK_K, BITS)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format import FP8_DTYPE, FP8_MAX, QuantizedWeight, dequantize
+from ..format import FP8_DTYPE, FP8_MAX, QuantizedWeight, dequantize, unpack
 from ..schemes import Scheme
 
 BITS, GROUP, FLAGS, W_OFF, S_OFF, Z_OFF = range(6)
@@ -73,9 +73,7 @@ def _fragment_slots(bits: int) -> torch.Tensor:
     4 bits: word 4c + j, j = (k5, k6), nibble k3 + 2 k4 + 4 k0 (a lane's 16 bytes are
         contiguous);
     2 bits: word 2c + k6, field k3 + 2 k4 + 4 k5 + 8 k0 (8 contiguous bytes);
-    1 bit (the bit-2 plane of 3-bit blocks): word c, bit k3 + 2 k4 + 4 k5 + 8 k6 + 16 k0,
-        so that bit 2 of the pair (field i of 2-bit word 2c + k6) is bits i + 8 k6 and
-        i + 8 k6 + 16 of one word.
+    3-bit blocks have their own slots (_w3_fragment_bits).
     The dequantized tile then needs no shared-memory round trip.
     """
     k = torch.arange(FRAGMENT_CHUNK)
@@ -83,13 +81,85 @@ def _fragment_slots(bits: int) -> torch.Tensor:
     c = b[1] + 2 * b[2]
     if bits == 4:
         return 8 * (b[5] + 2 * b[6] + 4 * c) + b[3] + 2 * b[4] + 4 * b[0]
-    if bits == 2:
-        return 16 * (b[6] + 2 * c) + b[3] + 2 * b[4] + 4 * b[5] + 8 * b[0]
-    assert bits == 1
-    return 32 * c + b[3] + 2 * b[4] + 4 * b[5] + 8 * b[6] + 16 * b[0]
+    assert bits == 2
+    return 16 * (b[6] + 2 * c) + b[3] + 2 * b[4] + 4 * b[5] + 8 * b[0]
 
 
-_FRAGMENT_SLOTS = {bits: _fragment_slots(bits) for bits in (1, 2, 4)}
+_FRAGMENT_SLOTS = {bits: _fragment_slots(bits) for bits in (2, 4)}
+
+
+def _w3_fragment_bits() -> torch.Tensor:
+    """pos[k, j] = 32 * word + bit where bit j of weight k of a 128-chunk is kept (3-bit fragment order).
+
+    A chunk is 12 words: lane c's low-plane words 2c + k6 (0-7, where a 2-bit block would keep
+    them) and its high-plane word c (8-11). Every word is 8 nibbles, a 3-bit code in bits 0-2 of
+    each and a spare bit 3, and nibbles n and n + 4 are the MMA's pair (k0 = 0, 1). With
+    x = word 2c + k6, xh = word c >> 8 k6 and i = k3 + 2 k4, weight (i, k5, k0) is
+      i = 0, 1: x's nibble i + 2 k5 (+ 4 k0);
+      i = 2:    xh's nibble k5;
+      i = 3:    spare bits: bit 0 from x's nibble k5, bit 1 from x's nibble 2 + k5, bit 2 from
+                xh's nibble k5.
+    So every code sits in nibble 0 or 1 of x, x >> 8, xh or one word of gathered spare bits, which
+    the kernel turns into a bf16/f16 pair with one LOP3 and one FMA (a code in bits 4-6 still
+    lies in a bf16's mantissa: the FMA scales it by 1/16), as cheap as a 4-bit pair.
+    """
+    k = torch.arange(FRAGMENT_CHUNK)
+    b = [(k >> i) & 1 for i in range(7)]
+    c, k5, k6, k0 = b[1] + 2 * b[2], b[5], b[6], b[0]
+    i = b[3] + 2 * b[4]
+    x = 32 * (2 * c + k6) + 16 * k0  # low-plane word, the pair's half
+    xh = 32 * (8 + c) + 16 * k0 + 8 * k6  # high-plane word, this k6's bytes
+    pos = torch.empty(FRAGMENT_CHUNK, 3, dtype=torch.int64)
+    for j in range(3):
+        pos[:, j] = torch.where(i < 2, x + 4 * (i + 2 * k5) + j, xh + 4 * k5 + j)
+    spare = i == 3
+    pos[spare, 0] = (x + 4 * k5 + 3)[spare]
+    pos[spare, 1] = (x + 4 * (2 + k5) + 3)[spare]
+    pos[spare, 2] = (xh + 4 * k5 + 3)[spare]
+    return pos
+
+
+_W3_FRAGMENT_BITS = _w3_fragment_bits()
+_W3_CHUNK_WORDS = 12
+
+
+def _w3_to_fragment(codes: torch.Tensor) -> torch.Tensor:
+    """3-bit codes [n, K] (K a multiple of 128) -> rows of the low plane's words, then the high plane's."""
+    n, k = codes.shape
+    chunks = codes.to(torch.int32).reshape(n, k // FRAGMENT_CHUNK, FRAGMENT_CHUNK)
+    source = torch.empty(_W3_CHUNK_WORDS * 32, dtype=torch.int64)  # bit position -> 3 * weight + bit
+    source[_W3_FRAGMENT_BITS.flatten()] = torch.arange(3 * FRAGMENT_CHUNK)
+    source = source.reshape(_W3_CHUNK_WORDS, 32).to(codes.device)
+    words = torch.zeros(n, k // FRAGMENT_CHUNK, _W3_CHUNK_WORDS, dtype=torch.int32, device=codes.device)
+    for bit in range(32):  # int32 shifts wrap into the sign bit, as the packing wants
+        src = source[:, bit]
+        words |= ((chunks[:, :, src // 3] >> (src % 3).to(torch.int32)) & 1) << bit
+    return torch.cat([words[:, :, :8].reshape(n, -1), words[:, :, 8:].reshape(n, -1)], dim=1)
+
+
+def _pack_v1_w3(codes: torch.Tensor) -> torch.Tensor:
+    """format.pack(codes, 3) without compressed-tensors, which the serving side need not have: per 32
+    weights, 2-bit fields of weights 0-15 and 16-31, then bit 2 of all 32, lowest field first."""
+    n, k = codes.shape
+    chunks = codes.to(torch.int64).reshape(n, k // 32, 2, 16)
+    low = ((chunks & 3) << (2 * torch.arange(16, device=codes.device))).sum(-1)
+    high = (((chunks >> 2) & 1).reshape(n, k // 32, 32) << torch.arange(32, device=codes.device)).sum(-1)
+    words = torch.cat([low, high.unsqueeze(-1)], dim=2).reshape(n, -1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _w3_from_fragment(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of _w3_to_fragment: int32 codes [n, K]."""
+    n, words = packed.shape
+    chunks = words // _W3_CHUNK_WORDS
+    low, high = packed[:, : 8 * chunks].reshape(n, chunks, 8), packed[:, 8 * chunks :].reshape(n, chunks, 4)
+    chunk_words = torch.cat([low, high], dim=2)
+    pos = _W3_FRAGMENT_BITS.to(packed.device)
+    codes = torch.zeros(n, chunks, FRAGMENT_CHUNK, dtype=torch.int32, device=packed.device)
+    for j in range(3):
+        bits = (chunk_words[:, :, pos[:, j] // 32] >> (pos[:, j] % 32).to(torch.int32)) & 1
+        codes |= bits << j
+    return codes.reshape(n, chunks * FRAGMENT_CHUNK)
 
 
 def _permute_fields(packed: torch.Tensor, bits: int, inverse: bool) -> torch.Tensor:
@@ -119,19 +189,19 @@ def to_kernel_order(scheme: Scheme, packed: torch.Tensor) -> torch.Tensor:
     vectors, instead of three strided 4-byte loads per chunk.
     Blocks in fragment order (is_fragment_ordered) then have each 128-weight
     chunk's fields permuted into their fragment slots (_fragment_slots; 3 bits:
-    each plane on its own). Rows stay rows and chunks stay chunks, so row or
-    128-column slices (tensor-parallel shards) convert independently.
+    _w3_fragment_bits, in the same two planes' words). Rows stay rows and chunks
+    stay chunks, so row or 128-column slices (tensor-parallel shards) convert
+    independently.
     Other schemes: as is.
     """
     n, words = packed.shape
     k = words * 32 // scheme.bits
     frag = is_fragment_ordered(scheme, k)
     if scheme.bits == 3:
-        triples = packed.reshape(n, words // 3, 3)
-        low, high = triples[:, :, :2].reshape(n, -1), triples[:, :, 2]
         if frag:
-            low, high = _permute_fields(low, 2, False), _permute_fields(high, 1, False)
-        return torch.cat([low, high], dim=1)
+            return _w3_to_fragment(unpack(packed, 3))
+        triples = packed.reshape(n, words // 3, 3)
+        return torch.cat([triples[:, :, :2].reshape(n, -1), triples[:, :, 2]], dim=1)
     if frag:
         return _permute_fields(packed, scheme.bits, False)
     return packed
@@ -143,10 +213,10 @@ def from_kernel_order(scheme: Scheme, packed: torch.Tensor) -> torch.Tensor:
     k = words * 32 // scheme.bits
     frag = is_fragment_ordered(scheme, k)
     if scheme.bits == 3:
+        if frag:
+            return _pack_v1_w3(_w3_from_fragment(packed))
         chunks = words // 3
         low, high = packed[:, : 2 * chunks], packed[:, 2 * chunks :]
-        if frag:
-            low, high = _permute_fields(low, 2, True), _permute_fields(high, 1, True)
         return torch.cat([low.reshape(n, chunks, 2), high.reshape(n, chunks, 1)], dim=2).reshape(n, words)
     if frag:
         return _permute_fields(packed, scheme.bits, True)
