@@ -496,6 +496,18 @@ def test_dummy_weights_are_finite_and_zero_mean():
 # Config selection (host only)
 
 
+def test_default_dequant_takes_the_asm_for_64_row_tiles_of_3bit_layers(monkeypatch):
+    from vllm_mxmoe.kernels.configs import DEQUANT_ASM, DEQUANT_V1, default_dequant
+
+    monkeypatch.delenv("MXMOE_DEQUANT", raising=False)
+    assert default_dequant(16) == DEQUANT_ASM
+    assert default_dequant(64) == DEQUANT_V1  # layers without 3-bit fragment blocks
+    assert default_dequant(64, low_bit=True) == DEQUANT_ASM
+    assert default_dequant(128, low_bit=True) == DEQUANT_V1
+    monkeypatch.setenv("MXMOE_DEQUANT", "0")
+    assert default_dequant(16, low_bit=True) == DEQUANT_V1
+
+
 def test_config_selection():
     from vllm_mxmoe.kernels.configs import fit_block_k, select_gemm_config
 

@@ -115,22 +115,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_dequant(block_m: int | None = None) -> int:
-    """MXMOE_DEQUANT (0-3) if set; else DEQUANT_DEFAULT for decode tiles (BLOCK_M <= ASM_MAX_BLOCK_M)
-    and DEQUANT_V1 for larger ones. Asm modes run their pure-Triton twin when interpreting."""
+def default_dequant(block_m: int | None = None, low_bit: bool = False) -> int:
+    """MXMOE_DEQUANT (0-3) if set; else DEQUANT_DEFAULT for decode tiles (BLOCK_M <= ASM_MAX_BLOCK_M,
+    or LOW_BIT_ASM_MAX_BLOCK_M where the layer has 3-bit fragment blocks: ``low_bit``) and
+    DEQUANT_V1 for larger ones. Asm modes run their pure-Triton twin when interpreting."""
     env = os.environ.get("MXMOE_DEQUANT")
     if env is not None:
         mode = int(env)
         if mode not in (DEQUANT_V1, DEQUANT_FIELDS, DEQUANT_ASM, DEQUANT_ASM_PAIRED):
             raise ValueError(f"MXMOE_DEQUANT must be 0, 1, 2 or 3, got {mode}")
         return mode
-    if block_m is not None and block_m > ASM_MAX_BLOCK_M:
+    if block_m is not None and block_m > (LOW_BIT_ASM_MAX_BLOCK_M if low_bit else ASM_MAX_BLOCK_M):
         return DEQUANT_V1
     return DEQUANT_DEFAULT
 
 
-def resolve_dequant(mode: int, block_m: int | None = None) -> int:
-    return default_dequant(block_m) if mode < 0 else mode
+def resolve_dequant(mode: int, block_m: int | None = None, low_bit: bool = False) -> int:
+    return default_dequant(block_m, low_bit) if mode < 0 else mode
 
 
 # Inline-PTX dequant by default for decode tiles: checked against the torch reference in bf16 on an
@@ -140,6 +141,11 @@ def resolve_dequant(mode: int, block_m: int | None = None) -> int:
 # warning), and it was not faster at 8192 tokens on mixed layers: larger tiles keep mode 0.
 DEQUANT_DEFAULT = DEQUANT_ASM
 ASM_MAX_BLOCK_M = 16  # the tiles it was measured on (<= 256 tokens on qwen3-30b-a3b)
+# Since 3-bit codes decode in place (KERNEL_NOTES.md version 11), 64-row tiles of layers holding 3-bit
+# fragment blocks are faster with the asm too: mixed 3.25 layers 0.89-0.90x the time at 256 (Mixtral)
+# and 2048 tokens (Qwen3), w3g128 0.85-0.89x; w2g128 layers 1.15-1.46x slower with it, all-4-bit ones
+# 1.2-1.6x, and 128-row tiles 1.7-3.5x (results/2026-11-30-s11-h200/call12_large_tiles, call13_rule).
+LOW_BIT_ASM_MAX_BLOCK_M = 64
 
 
 def expected_rows_per_expert(num_tokens: int, topk: int, num_experts: int) -> float:

@@ -1162,8 +1162,8 @@ def _run_with_fallback(launch: _Launch) -> None:
     """Launch with the config's dequant mode; a triton that cannot compile the field-wise path for
     this config gets mode 0 (warned once per config)."""
     config = launch.config
-    dequant = resolve_dequant(config.dequant, config.block_m)
     kinds = layer_kinds(launch.weights)
+    dequant = resolve_dequant(config.dequant, config.block_m, bool(kinds & KIND_W3_FRAGMENT))
     key = (kinds, config, launch.a.dtype, launch.dense)
     if dequant and key in _ASM_COMPILE_FAILED:
         dequant = 0
