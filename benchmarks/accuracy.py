@@ -130,6 +130,9 @@ def configurations() -> dict[str, dict | None]:
     for name in ("gptq-w2g128-damp0.1", "mxmoe-2.25-r1-damp0.1", "ablation-2.25-model-budget-fisher-damp0.1",
                  "gptq-w2g128", "mxmoe-2.25-r1", "mxmoe-3.25-r1", "seed1-mxmoe-3.25-r1"):
         configs[f"{name}-cd2"] = {**configs[name], "refine_sweeps": 2}
+    # symmetric 3/4-bit candidates (one fp16 scale per 128 weights, no zero point: 3.125 / 4.125 bits)
+    sym = {"schemes": MXMOE_SCHEMES + ("w3g128_sym", "w4g128_sym")}
+    configs["mxmoe-2.25-r1-damp0.1-cd2-sym34"] = {**configs["mxmoe-2.25-r1-damp0.1-cd2"], **sym}
     # GPTQ in model order (Hessians through the already quantized layers), baselines included
     for name in ("gptq-w2g128", "mxmoe-2.25-r1", "gptq-w3g128", "mxmoe-3.25-r1"):
         configs[f"{name}-seq"] = {**configs[name], "sequential": True}
