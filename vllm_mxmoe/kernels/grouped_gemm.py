@@ -536,11 +536,8 @@ def _frag_field(x, xh, i: tl.constexpr, BITS: tl.constexpr, scale, nzero, DTYPE:
 
 
 @triton.jit
-def _frag_fields4(x, xh, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr, k5=0):
+def _frag_fields4(x, xh, xs, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr, k5):
     """Fields 0-3 of _frag_field, joined as (f0, f2), (f1, f3) like the 4-bit asm path's outputs."""
-    xs = x
-    if BITS == 3:
-        xs = _w3_spare_codes(x, xh)
     f0 = _frag_field(x, xh, 0, BITS, scale, nzero, DTYPE, SCALED, k5, xs)
     f1 = _frag_field(x, xh, 1, BITS, scale, nzero, DTYPE, SCALED, k5, xs)
     f2 = _frag_field(x, xh, 2, BITS, scale, nzero, DTYPE, SCALED, k5, xs)
@@ -549,11 +546,8 @@ def _frag_fields4(x, xh, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, 
 
 
 @triton.jit
-def _frag_fields8(x, xh, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr):
+def _frag_fields8(x, xh, xs, BITS: tl.constexpr, scale, nzero, DTYPE: tl.constexpr, SCALED: tl.constexpr):
     """Fields 0-7 of _frag_field, in _join8's order."""
-    xs = x
-    if BITS == 3:
-        xs = _w3_spare_codes(x, xh)
     return _join8(_frag_field(x, xh, 0, BITS, scale, nzero, DTYPE, SCALED, 0, xs),
                   _frag_field(x, xh, 1, BITS, scale, nzero, DTYPE, SCALED, 0, xs),
                   _frag_field(x, xh, 2, BITS, scale, nzero, DTYPE, SCALED, 0, xs),
@@ -604,12 +598,12 @@ def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzer
     nz = nzero[:, :, None]
     if USE_ASM and BLOCK_K >= 64:
         tl.static_assert(not SCALED)
-        # -(zero + magic / 4) and -(zero + magic / 16): exact, nzero being an integer in [-255, -128]
+        # -(zero + magic / 16) (and / 4 for 2 bits): exact, nzero being an integer in [-255, -128]
         # (bf16) or [-2047, -1024] (f16).
         MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
-        nz4 = (nz.to(tl.float32) + 0.75 * MAGIC).to(DTYPE)
         nz16 = (nz.to(tl.float32) + 0.9375 * MAGIC).to(DTYPE)
         if BITS == 2:
+            nz4 = (nz.to(tl.float32) + 0.75 * MAGIC).to(DTYPE)
             if DTYPE == tl.float16:  # literal dtype tuples: a constexpr tuple does not unpack in every triton
                 o = tl.inline_asm_elementwise(_ASM_W2P_F16, _CONS_2P, [x, nz, nz4, nz16],
                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16,
@@ -636,10 +630,13 @@ def _dequant_tile_w23_frag(w_ptr, words_per_row, k0, offs_n, n_mask, scale, nzer
         h16 = (tl.arange(0, 2) * 16)[None, None, :]
         x = x >> h16
         xh = xh >> h16
+        xs = x  # 3 bits: the spare-bit codes, gathered once for every field
+        if BITS == 3:
+            xs = _w3_spare_codes(x, xh)
         if BLOCK_K >= 64:
-            t = _frag_fields8(x, xh, BITS, sc, nz, DTYPE, SCALED)
+            t = _frag_fields8(x, xh, xs, BITS, sc, nz, DTYPE, SCALED)
         else:
-            t = _frag_fields4(x, xh, BITS, sc, nz, DTYPE, SCALED, k5)
+            t = _frag_fields4(x, xh, xs, BITS, sc, nz, DTYPE, SCALED, k5)
     return _fragment_tile_to_k_order(t, BLOCK_N, BLOCK_K, BITS)
 
 

@@ -121,15 +121,17 @@ def _w3_fragment_bits() -> torch.Tensor:
 
 _W3_FRAGMENT_BITS = _w3_fragment_bits()
 _W3_CHUNK_WORDS = 12
+# Its inverse: [word, bit] of a chunk -> 3 * weight + code bit kept there.
+_W3_FRAGMENT_SOURCE = torch.empty(_W3_CHUNK_WORDS * 32, dtype=torch.int64)
+_W3_FRAGMENT_SOURCE[_W3_FRAGMENT_BITS.flatten()] = torch.arange(3 * FRAGMENT_CHUNK)
+_W3_FRAGMENT_SOURCE = _W3_FRAGMENT_SOURCE.reshape(_W3_CHUNK_WORDS, 32)
 
 
 def _w3_to_fragment(codes: torch.Tensor) -> torch.Tensor:
     """3-bit codes [n, K] (K a multiple of 128) -> rows of the low plane's words, then the high plane's."""
     n, k = codes.shape
     chunks = codes.to(torch.int32).reshape(n, k // FRAGMENT_CHUNK, FRAGMENT_CHUNK)
-    source = torch.empty(_W3_CHUNK_WORDS * 32, dtype=torch.int64)  # bit position -> 3 * weight + bit
-    source[_W3_FRAGMENT_BITS.flatten()] = torch.arange(3 * FRAGMENT_CHUNK)
-    source = source.reshape(_W3_CHUNK_WORDS, 32).to(codes.device)
+    source = _W3_FRAGMENT_SOURCE.to(codes.device)
     words = torch.zeros(n, k // FRAGMENT_CHUNK, _W3_CHUNK_WORDS, dtype=torch.int32, device=codes.device)
     for bit in range(32):  # int32 shifts wrap into the sign bit, as the packing wants
         src = source[:, bit]
