@@ -1,0 +1,82 @@
+"""Where a served decode step's GPU time goes: kernels of vLLM's engine at one batch size, per variant.
+
+Run on a CUDA machine with vLLM (../shared/gpu-vllm) and the plugin registered:
+
+    python benchmarks/serving_profile.py --config qwen3-30b-a3b --variants gptq4_marlin,mxmoe_mixed325 --batch 64
+
+Each variant (benchmarks/speed_configs.py, random weights, CUDA graphs on as in gpu_serving_check.py) runs in
+its own subprocess with the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so torch.profiler sees its
+kernels: one warm-up batch, then ``--batch`` random 128-token prompts generating ``--tokens`` tokens under the
+profiler. Prints and writes ($OUT/serving_profile_<variant>.txt) GPU time per kernel name, largest first, with
+each kernel's share of the summed kernel time and its time per generated token step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = Path(os.environ.get("OUT", "."))
+TOP = 30
+
+
+def profile_variant(model_dir: str, tag: str, batch: int, tokens: int) -> None:
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
+              gpu_memory_utilization=0.85, max_num_seqs=256)  # fmt: skip
+    rng = np.random.default_rng(0)
+    prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(batch)]
+    sp = SamplingParams(
+        max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0, detokenize=False
+    )
+    llm.generate(prompts, sp, use_tqdm=False)  # warm-up: same shapes, nothing first-run in the profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        llm.generate(prompts, sp, use_tqdm=False)
+        wall = time.perf_counter() - t
+    rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    head = f"# {tag}: batch {batch}, {tokens} tokens out (prefill included), wall {wall:.3f} s"
+    lines = [f"{head}, kernel time {total / 1e3:.1f} ms ({len(rows)} kernel names)",
+             f"{'us total':>10} {'share':>6} {'us/step':>8} {'calls':>7}  kernel"]  # fmt: skip
+    for name, us, count in rows[:TOP]:
+        lines.append(f"{us:10.0f} {us / total:6.1%} {us / tokens:8.1f} {count:7d}  {name[:110]}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    (OUT / f"serving_profile_{tag}.txt").write_text(text + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="qwen3-30b-a3b", help="a name in speed_configs.CONFIGS")
+    p.add_argument("--variants", default="gptq4_marlin,mxmoe_mixed325")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "TAG"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        profile_variant(args.one[0], args.one[1], args.batch, args.tokens)
+        return
+    from benchmarks.speed_configs import CONFIGS, write_all
+
+    paths = write_all(Path("/tmp/speed_cfgs") / args.config, CONFIGS[args.config])
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    for tag in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--batch", str(args.batch), "--tokens", str(args.tokens),
+               "--one", str(paths[tag]), f"{args.config}_{tag}"]  # fmt: skip
+        subprocess.run(cmd, env=env, check=False)
+
+
+if __name__ == "__main__":
+    main()
