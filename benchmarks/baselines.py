@@ -11,6 +11,11 @@ weights repacked by vLLM's own gptq_marlin_moe_repack), and ours (default path) 
 uniform w4g128, w8a8fp8 and the mixed layers of kernel_check.py. Each baseline is
 checked against a torch float32 reference on fresh inputs first.
 
+With ``--routing FILE`` (recorded in vLLM's engine by ``serving_profile.py --record-routing``) every token
+count also replays up to ``--routing-samples`` recorded decode-step routings of that many tokens, evenly
+spread over the recording (layers and steps), after the synthetic one; rows name their routing and its
+busiest expert's row count.
+
 Writes $OUT/baselines.txt and $OUT/baselines.json.
 """
 
@@ -181,6 +186,15 @@ def bench(impl, x, tw, ids) -> tuple[float, str]:
         return triton.testing.do_bench(fn, rep=60, return_mode="median"), "events"
 
 
+def recorded_routings(path: str | None, tokens: int, count: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(label, ids, weights) of up to ``count`` recorded routings of ``tokens`` tokens, spread evenly."""
+    if not path:
+        return []
+    samples = [s for s in torch.load(path) if s[1].shape[0] == tokens]
+    picks = sorted({round(i * (len(samples) - 1) / max(count - 1, 1)) for i in range(count)}) if samples else []
+    return [(f"served:{samples[i][0]}", samples[i][1].cuda(), samples[i][2].cuda()) for i in picks]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=240)
@@ -191,6 +205,8 @@ def main():
     ap.add_argument("--procs", type=int, default=14)
     ap.add_argument("--zipf-s", type=float, default=kc.ZIPF_S,
                     help="routing skew: expert popularity ~ 1 / rank^s (0: uniform, as random-weight routers give)")
+    ap.add_argument("--routing", help="recorded routings to replay (serving_profile.py --record-routing)")
+    ap.add_argument("--routing-samples", type=int, default=8)
     args = ap.parse_args()
     kc.ZIPF_S = args.zipf_s
     out_dir = os.environ.get("OUT", ".")
@@ -255,24 +271,26 @@ def main():
             if ok:
                 good.append(impl)
         bits = {i.name: getattr(i, "bits", 16.0 if i.name == "vllm_bf16" else 4.25) for i in good}
-        emit(f"{'shape':16} {'tok':>5} " + " ".join(f"{i.name + ' us':>18}" for i in good))
+        emit(f"{'shape':16} {'tok':>5} {'routing':>22} {'max rows':>8} " + " ".join(f"{i.name + ' us':>18}" for i in good))
         for t in tokens_list:
             if time.time() - t0 > args.budget_s:
                 emit(f"{shape} {t}: skipped (budget)")
                 continue
-            ids, tw = kc.zipf_routing(t, s["experts"], s["topk"], seed=t)
             x = torch.randn(t, s["hidden"], device="cuda", dtype=DTYPE)
-            row = dict(shape=shape, tokens=t, us={}, how={}, bits=bits)
-            for impl in good:
-                try:
-                    ms, how = bench(impl, x, tw, ids)
-                    row["us"][impl.name], row["how"][impl.name] = ms * 1e3, how
-                except Exception:
-                    emit(f"{shape} {t} {impl.name}: failed\n{traceback.format_exc(limit=2)}")
-            results["rows"].append(row)
-            emit(f"{shape[:16]:16} {t:5d} " + " ".join(
-                f"{row['us'].get(i.name, float('nan')):18.1f}" for i in good))
-            save()
+            synthetic = (f"zipf s={kc.ZIPF_S}", *kc.zipf_routing(t, s["experts"], s["topk"], seed=t))
+            for label, ids, tw in [synthetic, *recorded_routings(args.routing, t, args.routing_samples)]:
+                busiest = int(torch.bincount(ids.flatten().long(), minlength=s["experts"]).max())
+                row = dict(shape=shape, tokens=t, routing=label, max_rows=busiest, us={}, how={}, bits=bits)
+                for impl in good:
+                    try:
+                        ms, how = bench(impl, x, tw, ids)
+                        row["us"][impl.name], row["how"][impl.name] = ms * 1e3, how
+                    except Exception:
+                        emit(f"{shape} {t} {impl.name}: failed\n{traceback.format_exc(limit=2)}")
+                results["rows"].append(row)
+                emit(f"{shape[:16]:16} {t:5d} {label[-22:]:>22} {busiest:8d} " + " ".join(
+                    f"{row['us'].get(i.name, float('nan')):18.1f}" for i in good))
+                save()
         del impls, good
         torch.cuda.empty_cache()
     emit(f"total {time.time() - t0:.0f} s")

@@ -9,6 +9,10 @@ its own subprocess with the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
 kernels: one warm-up batch, then ``--batch`` random 128-token prompts generating ``--tokens`` tokens under the
 profiler. Prints and writes ($OUT/serving_profile_<variant>.txt) GPU time per kernel name, largest first, with
 each kernel's share of the summed kernel time and its time per generated token step.
+
+With ``--record-routing FILE`` an mxmoe variant runs eagerly instead (no CUDA graphs, no profile) and saves
+the router's choice of every MoE layer at every decode step of ``--batch`` sequences (topk ids and weights,
+as the plugin receives them) to FILE, for ``baselines.py --routing FILE`` to replay on the kernels alone.
 """
 
 from __future__ import annotations
@@ -57,14 +61,45 @@ def profile_variant(model_dir: str, tag: str, batch: int, tokens: int) -> None:
     (OUT / f"serving_profile_{tag}.txt").write_text(text + "\n")
 
 
+def record_routing(model_dir: str, batch: int, tokens: int, path: str) -> None:
+    import numpy as np
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_mxmoe import moe
+
+    samples = []
+    forward = moe.MxMoEFusedMoEMethod.forward_eager
+
+    def recording(self, layer, x, topk_weights, topk_ids):
+        if x.shape[0] == batch:  # decode steps only (prefill batches are larger)
+            samples.append((layer.mxmoe_key, topk_ids.to("cpu", torch.int32), topk_weights.float().cpu()))
+        return forward(self, layer, x, topk_weights, topk_ids)
+
+    moe.MxMoEFusedMoEMethod.forward_eager = recording
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
+              gpu_memory_utilization=0.85, max_num_seqs=256, enforce_eager=True)  # fmt: skip
+    rng = np.random.default_rng(0)
+    prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(batch)]
+    sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0, detokenize=False)
+    llm.generate(prompts, sp, use_tqdm=False)
+    torch.save(samples, path)
+    print(f"recorded {len(samples)} routings of {batch} tokens to {path}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="qwen3-30b-a3b", help="a name in speed_configs.CONFIGS")
     p.add_argument("--variants", default="gptq4_marlin,mxmoe_mixed325")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--record-routing", metavar="FILE", help="save decode-step routing (mxmoe variants) instead")
     p.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "TAG"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.one and args.record_routing:
+        record_routing(args.one[0], args.batch, args.tokens, args.record_routing)
+        return
     if args.one:
         profile_variant(args.one[0], args.one[1], args.batch, args.tokens)
         return
@@ -75,6 +110,8 @@ def main() -> None:
     for tag in args.variants.split(","):
         cmd = [sys.executable, __file__, "--batch", str(args.batch), "--tokens", str(args.tokens),
                "--one", str(paths[tag]), f"{args.config}_{tag}"]  # fmt: skip
+        if args.record_routing:
+            cmd += ["--record-routing", args.record_routing]
         subprocess.run(cmd, env=env, check=False)
 
 
