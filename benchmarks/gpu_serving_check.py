@@ -99,15 +99,35 @@ def run_http(ckpt: str, windows_file: str, dtype: str) -> None:
 HTTP_PROMPTS = ["The Linux kernel", "In Python, a list comprehension", "To configure the network interface,"]
 
 
+def dummy_engine(model_dir: str, **options):
+    """vLLM's engine on a config folder with random weights, as every speed run here uses it."""
+    from vllm import LLM
+
+    return LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
+               gpu_memory_utilization=0.85, max_num_seqs=256, **options)  # fmt: skip
+
+
+def random_prompts(rng, count: int, length: int = 128) -> list:
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, length).tolist()) for _ in range(count)]
+
+
+def fixed_length(tokens: int):
+    """Sampling that generates exactly ``tokens`` tokens, greedy, without detokenizing."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0, detokenize=False)
+
+
 def measure_throughput(llm, tag: str, batches: list[int], rng) -> dict[int, float]:
     """Output tokens/s per batch size (random 128-token prompts, 128 tokens out), written to $OUT."""
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     res = {}
     for bs in batches:
-        prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(bs)]
-        sp = SamplingParams(max_tokens=128, min_tokens=128, ignore_eos=True, temperature=0, detokenize=False)
+        prompts = random_prompts(rng, bs)
+        sp = fixed_length(128)
         # Warm up on the same batch: the same prefill shape, so nothing is first-run (JIT, allocator) in the timing.
         warm = SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)
         llm.generate(prompts, warm, use_tqdm=False)
@@ -123,19 +143,15 @@ def measure_throughput(llm, tag: str, batches: list[int], rng) -> dict[int, floa
 
 def run_throughput(model_dir: str, tag: str, batches: list[int], latency_batches: list[int]) -> None:
     import numpy as np
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
-              gpu_memory_utilization=0.85, max_num_seqs=256)  # fmt: skip
+    llm = dummy_engine(model_dir)
     print(f"RESULT {tag} engine_start_s={time.perf_counter() - t0:.1f}", flush=True)
     rng = np.random.default_rng(0)
     measure_throughput(llm, tag, batches, rng)
     lat = {}
     for bs in latency_batches:
-        prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(bs)]
-        sp = SamplingParams(max_tokens=128, min_tokens=128, ignore_eos=True, temperature=0, detokenize=False)
+        prompts, sp = random_prompts(rng, bs), fixed_length(128)
         llm.generate(prompts, sp, use_tqdm=False)
         times = []
         for _ in range(3):

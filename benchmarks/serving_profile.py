@@ -26,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.gpu_serving_check import dummy_engine, fixed_length, random_prompts  # noqa: E402
+
 OUT = Path(os.environ.get("OUT", "."))
 TOP = 30
 
@@ -33,16 +35,9 @@ TOP = 30
 def profile_variant(model_dir: str, tag: str, batch: int, tokens: int) -> None:
     import numpy as np
     from torch.profiler import ProfilerActivity, profile
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
-              gpu_memory_utilization=0.85, max_num_seqs=256)  # fmt: skip
-    rng = np.random.default_rng(0)
-    prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(batch)]
-    sp = SamplingParams(
-        max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0, detokenize=False
-    )
+    llm = dummy_engine(model_dir)
+    prompts, sp = random_prompts(np.random.default_rng(0), batch), fixed_length(tokens)
     llm.generate(prompts, sp, use_tqdm=False)  # warm-up: same shapes, nothing first-run in the profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
@@ -64,8 +59,6 @@ def profile_variant(model_dir: str, tag: str, batch: int, tokens: int) -> None:
 def record_routing(model_dir: str, batch: int, tokens: int, path: str) -> None:
     import numpy as np
     import torch
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     from vllm_mxmoe import moe
 
@@ -78,12 +71,8 @@ def record_routing(model_dir: str, batch: int, tokens: int, path: str) -> None:
         return forward(self, layer, x, topk_weights, topk_ids)
 
     moe.MxMoEFusedMoEMethod.forward_eager = recording
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
-              gpu_memory_utilization=0.85, max_num_seqs=256, enforce_eager=True)  # fmt: skip
-    rng = np.random.default_rng(0)
-    prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, 100000, 128).tolist()) for _ in range(batch)]
-    sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0, detokenize=False)
-    llm.generate(prompts, sp, use_tqdm=False)
+    llm = dummy_engine(model_dir, enforce_eager=True)
+    llm.generate(random_prompts(np.random.default_rng(0), batch), fixed_length(tokens), use_tqdm=False)
     torch.save(samples, path)
     print(f"recorded {len(samples)} routings of {batch} tokens to {path}", flush=True)
 
