@@ -133,6 +133,11 @@ def configurations() -> dict[str, dict | None]:
     # symmetric 3/4-bit candidates (one fp16 scale per 128 weights, no zero point: 3.125 / 4.125 bits)
     sym = {"schemes": MXMOE_SCHEMES + ("w3g128_sym", "w4g128_sym")}
     configs["mxmoe-2.25-r1-damp0.1-cd2-sym34"] = {**configs["mxmoe-2.25-r1-damp0.1-cd2"], **sym}
+    # Δ with every sampled token's error weighted by its own squared loss gradient (diagonal / isotropic)
+    for weights in ("fisher-diag", "fisher"):
+        configs[f"mxmoe-2.25-r1-damp0.1-cd2-sym34-tok-{weights}"] = {
+            **configs["mxmoe-2.25-r1-damp0.1-cd2-sym34"], "token_weights": weights,
+        }  # fmt: skip
     # GPTQ in model order (Hessians through the already quantized layers), baselines included
     for name in ("gptq-w2g128", "mxmoe-2.25-r1", "gptq-w3g128", "mxmoe-3.25-r1"):
         configs[f"{name}-seq"] = {**configs[name], "sequential": True}
@@ -151,6 +156,7 @@ def describe(options: dict | None) -> dict:
             "holdout": "-",
             "budget_scope": "-",
             "layer_weights": "-",
+            "token_weights": "-",
             "clip": "-",
             "percdamp": "-",
             "sequential": "-",
@@ -172,6 +178,7 @@ def describe(options: dict | None) -> dict:
             if not fixed and options.get("budget_scope", DEFAULT_BUDGET_SCOPE) == "model"
             else "-"
         ),
+        "token_weights": options.get("token_weights", "none") if not fixed else "-",
         "clip": options.get("clip", DEFAULT_CLIP),
         "percdamp": options.get("percdamp", DEFAULT_PERCDAMP),
         "sequential": options.get("sequential", False),
@@ -309,7 +316,8 @@ def write_results(rows: dict[str, dict], args, command: str, path_stem: Path) ->
         lines.append(
             f"| {row['name']} | {row['method']} | {row['hadamard']} | {row.get('clip', '-')} | "
             f"{row['schemes']} | {row['budget'] or ''} | {row.get('budget_scope', '-')}"
-            f"{'' if row.get('layer_weights', '-') == '-' else ' ' + row['layer_weights']} | "
+            f"{'' if row.get('layer_weights', '-') == '-' else ' ' + row['layer_weights']}"
+            f"{'' if row.get('token_weights', '-') in ('-', 'none') else ' tokens ' + row['token_weights']} | "
             f"{'' if row['r'] is None else row['r']} | {row['granularity']} | {row['holdout']} | "
             f"{row['avg_bits']:.4f} | "
             f"{row['perplexity']:.3f} | {delta} | {row.get('quantize_s', '')} | {row['eval_s']} |"

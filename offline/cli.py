@@ -31,7 +31,9 @@ from .pipeline import (
     DEFAULT_CLIP,
     DEFAULT_LAYER_WEIGHTS,
     DEFAULT_R,
+    DEFAULT_TOKEN_WEIGHTS,
     LAYER_WEIGHTS,
+    TOKEN_WEIGHTS,
     quantize_mxmoe,
 )
 from .profile import DEFAULT_HOLDOUT, DEFAULT_SAMPLE_TOKENS, HESSIAN_WEIGHTS
@@ -183,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"Default {DEFAULT_LAYER_WEIGHTS}",
     )  # fmt: skip
     mx.add_argument(
+        "--token-weights", choices=TOKEN_WEIGHTS, default=DEFAULT_TOKEN_WEIGHTS,
+        help="weigh each sampled token's output error in the sensitivities by its own squared loss "
+        "gradient at the layer output: fisher-diag per dimension, fisher its mean (one backward pass per "
+        "calibration sequence; replaces --layer-weights). Default none",
+    )  # fmt: skip
+    mx.add_argument(
         "--clip", choices=CLIP_MODES, default=DEFAULT_CLIP,
         help="quantization grid per group: mse (clipping search minimising the rounding error) or minmax; "
         f"default {DEFAULT_CLIP}",
@@ -234,6 +242,7 @@ def run_pipeline(args: argparse.Namespace) -> str:
         granularity=args.granularity, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
         sample_tokens=args.sample_tokens, holdout=args.holdout, cache_dir=args.cache_dir, device=args.device,
         budget_scope=args.budget_scope, clip=args.clip, layer_weights=args.layer_weights,
+        token_weights=args.token_weights,
         hessian_weights=args.hessian_weights, percdamp=args.percdamp, sequential=args.sequential,
         refit_rounds=args.refit_scales, refine_sweeps=args.refine_codes,
     )  # fmt: skip

@@ -21,6 +21,10 @@
   profile.layer_output_gains) so that Δ of different layers is comparable. On
   the reference model the model-wide budget helped with min/max grids but not
   with the MSE-clipped ones (benchmarks/RESULTS.md), hence not the default.
+  token_weights="fisher-diag" / "fisher" instead weighs every sampled token's
+  output error by its own squared loss gradient (profile.token_output_fisher,
+  one backward pass per calibration sequence, cached next to the profile):
+  Δ is then comparable across layers by itself, and layer gains are not applied.
 * grids: every scheme's per-group scale/zero come from an MSE clipping search
   (clip="mse", Hessian-diagonal weighted; "minmax" = the full range), the same
   for the sensitivity measurement, the allocation's quantization and a given
@@ -85,6 +89,7 @@ from .profile import (
     holdout_mask,
     layer_output_gains,
     profile_model,
+    token_output_fisher,
 )
 from .report import LayerResult, build_report, plot_report, write_report
 from .rotation import rotate_model_
@@ -93,7 +98,8 @@ from .sensitivity import METHODS, QuantizedUnit, layer_sensitivity, quantize_uni
 from .sequential import quantize_in_model_order
 
 # Bump when what the caches hold changes meaning, so old caches are not reused.
-CACHE_VERSION = 2
+# 3: profiles record the calibration position of every sampled token.
+CACHE_VERSION = 3
 DEFAULT_R = 0.75
 DEFAULT_BATCH_TOKENS = 1024
 GRANULARITIES = ("block", "expert")
@@ -103,6 +109,10 @@ DEFAULT_CLIP = "mse"
 LAYER_WEIGHTS = ("fisher", "none")
 DEFAULT_LAYER_WEIGHTS = "fisher"
 DEFAULT_HESSIAN_WEIGHTS = "none"
+# Δ per token weighted by the loss's squared gradient at the layer output: per
+# dimension ("fisher-diag"), its mean over dimensions ("fisher"), or not at all.
+TOKEN_WEIGHTS = ("none", "fisher", "fisher-diag")
+DEFAULT_TOKEN_WEIGHTS = "none"
 
 
 class PipelineError(ValueError):
@@ -130,6 +140,9 @@ class QuantizeOptions:
     # with budget_scope="model": "fisher" weighs each layer's Δ by the mean squared
     # gradient of the loss at its output (profile.layer_output_gains); "none": raw Δ
     layer_weights: str = DEFAULT_LAYER_WEIGHTS
+    # "fisher-diag" / "fisher": each sampled token's error in Δ weighted by its own squared
+    # loss gradient (diagonal / isotropic); replaces layer_weights' per-layer gains
+    token_weights: str = DEFAULT_TOKEN_WEIGHTS
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS  # routed tokens kept per expert for Δ
@@ -180,6 +193,10 @@ class QuantizeOptions:
         if self.layer_weights not in LAYER_WEIGHTS:
             raise PipelineError(
                 f"--layer-weights must be one of {', '.join(LAYER_WEIGHTS)}, got {self.layer_weights!r}"
+            )
+        if self.token_weights not in TOKEN_WEIGHTS:
+            raise PipelineError(
+                f"--token-weights must be one of {', '.join(TOKEN_WEIGHTS)}, got {self.token_weights!r}"
             )
         if not self.percdamp > 0:
             raise PipelineError(f"--percdamp must be positive, got {self.percdamp}")
@@ -293,7 +310,8 @@ class _Pipeline:
         moe_layers = find_moe_layers(model, spec)
         store = self._profile(model, moe_layers, sequences) if opts.needs_calibration else None
         if fixed is None:
-            losses = self._sensitivity(moe_layers, store)
+            fisher = self._token_fisher(model, moe_layers, store, sequences)
+            losses = self._sensitivity(moe_layers, store, fisher)
             gains = self.gains = self._layer_gains(model, moe_layers, store, sequences)
             layers = self._allocate(moe_layers, store, losses, perf, gains)
         else:
@@ -371,7 +389,9 @@ class _Pipeline:
             o.hessian_weights,
         )
 
-    def _sensitivity(self, moe_layers: list[MoELayer], store: ProfileStore) -> dict[str, np.ndarray]:
+    def _sensitivity(
+        self, moe_layers: list[MoELayer], store: ProfileStore, fisher: dict | None = None
+    ) -> dict[str, np.ndarray]:
         """Δ [experts, units, schemes] per layer. Cached one file per scheme (keyed by
         profile, scheme, method and clip), so a run with more or other candidates
         computes only the schemes no earlier run measured (Δ of a scheme does not
@@ -383,8 +403,9 @@ class _Pipeline:
             refit = {"refit_rounds": o.refit_rounds} if o.refit_rounds else {}
             refines = o.refine_sweeps and refines_codes_of(parse_scheme(scheme))  # Δ of other schemes is unchanged
             refine = {"refine_sweeps": o.refine_sweeps} if refines else {}
+            tokens = {"token_weights": o.token_weights} if fisher is not None else {}
             key = _hash({"profile": store.folder.name, "scheme": scheme, "method": o.method, "clip": o.clip,
-                         **damp, **refit, **refine})
+                         **damp, **refit, **refine, **tokens})
             return self.cache / f"sensitivity-{key}.pt"
 
         per_scheme: dict[str, dict[str, np.ndarray]] = {}
@@ -399,11 +420,11 @@ class _Pipeline:
             total = sum(layer.experts.gate_up_proj.shape[0] for layer in moe_layers)
             with tqdm(total=total, desc=f"sensitivity ({len(missing)} schemes)", unit="expert") as bar:
                 for layer in moe_layers:
-                    experts = layer.experts
+                    experts, profile = layer.experts, store.load(layer.prefix)
                     computed[layer.prefix] = layer_sensitivity(
                         experts.gate_up_proj, experts.down_proj, experts.act_fn,
-                        store.load(layer.prefix), missing, o.method, bar, o.clip, o.percdamp, o.refit_rounds,
-                        o.refine_sweeps,
+                        profile, missing, o.method, bar, o.clip, o.percdamp, o.refit_rounds,
+                        o.refine_sweeps, None if fisher is None else self._expert_fisher(fisher, layer, profile),
                     )  # fmt: skip
             path_of(missing[0]).parent.mkdir(parents=True, exist_ok=True)
             for i, scheme in enumerate(missing):
@@ -417,10 +438,46 @@ class _Pipeline:
             for layer in moe_layers
         }
 
+    def _token_fisher(self, model, moe_layers, store: ProfileStore, sequences) -> dict | None:
+        """{prefix: (sampled token ids, their squared output gradients [n, H])} and
+        "mean", the mean square over all of them (cached next to the profile)."""
+        if self.opts.token_weights == "none":
+            self.stages["token_fisher"] = "skipped"
+            return None
+        path = self.cache / f"token-fisher-{store.folder.name}.pt"
+        if path.is_file():
+            self.stages["token_fisher"] = "cached"
+            return torch.load(path, weights_only=True)
+        self.stages["token_fisher"] = "computed"
+        wanted = {}
+        for layer in moe_layers:
+            positions = store.load(layer.prefix).sample_positions
+            if positions is None:
+                raise PipelineError(f"profile {store.folder} has no sample positions: delete it to recompute")
+            wanted[layer.prefix] = positions[positions >= 0].unique()  # sorted
+        grads = token_output_fisher(model, moe_layers, sequences, wanted)
+        total = sum(float(g.double().sum()) for g in grads.values())
+        count = sum(g.numel() for g in grads.values())
+        fisher = {"mean": total / max(count, 1), **{p: (wanted[p], grads[p]) for p in wanted}}
+        tmp = path.with_suffix(".tmp")
+        torch.save(fisher, tmp)
+        tmp.rename(path)
+        return fisher
+
+    def _expert_fisher(self, fisher: dict, layer: MoELayer, profile) -> list[torch.Tensor]:
+        """Per expert, the Fisher weights of its sampled tokens, [m, H] (diagonal) or [m, 1]
+        (isotropic), over the model-wide mean (one scale for all layers keeps Δ's magnitude)."""
+        ids, grads = fisher[layer.prefix]
+        weights = []
+        for e in range(profile.sample_sizes.shape[0]):
+            f = grads[torch.searchsorted(ids, profile.sample_token_ids(e))] / fisher["mean"]
+            weights.append(f if self.opts.token_weights == "fisher-diag" else f.mean(dim=-1, keepdim=True))
+        return weights
+
     def _layer_gains(self, model, moe_layers, store: ProfileStore, sequences) -> dict[str, float] | None:
         """Fisher weight of every layer's Δ (model-wide budget only; cached next to the profile)."""
         o = self.opts
-        if o.budget_scope != "model" or o.layer_weights == "none":
+        if o.budget_scope != "model" or o.layer_weights == "none" or o.token_weights != "none":
             self.stages["layer_gains"] = "skipped"
             return None
         path = self.cache / f"gains-{store.folder.name}.json"

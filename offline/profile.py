@@ -111,10 +111,18 @@ class LayerProfile:
     sample_inputs: torch.Tensor  # float32 [E, M, H]: sampled routed tokens, zero padded
     sample_weights: torch.Tensor  # float32 [E, M]: their routing weights, 0 for padding
     sample_sizes: torch.Tensor  # int64 [E]: valid rows of sample_inputs
+    # int64 [E, M]: calibration token index (sequence * seq_len + position) of each sampled
+    # row, -1 for padding; lets Δ weigh a token by its loss gradient (token_output_fisher)
+    sample_positions: torch.Tensor | None = None
 
     def samples(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         m = int(self.sample_sizes[expert])
         return self.sample_inputs[expert, :m], self.sample_weights[expert, :m]
+
+    def sample_token_ids(self, expert: int) -> torch.Tensor:
+        if self.sample_positions is None:
+            raise ProfileError(f"{self.prefix}: profile has no sample positions (made by an older version)")
+        return self.sample_positions[expert, : int(self.sample_sizes[expert])]
 
     def activation_frequency(self) -> torch.Tensor:
         """Share of tokens routed to each expert (sums to top_k)."""
@@ -139,14 +147,16 @@ class _ExpertRecorder:
         self.gate_up = [HessianAccumulator(hidden) for _ in range(num_experts)]
         self.down = [HessianAccumulator(self.inter) for _ in range(num_experts)]
         self.sample_tokens = sample_tokens
-        # per expert (inputs, weights, priorities): the rows with the smallest random
+        # per expert (inputs, weights, token ids, priorities): the rows with the smallest random
         # priorities seen so far form a uniform sample without replacement
-        self.samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * num_experts
+        self.samples: list[tuple[torch.Tensor, ...] | None] = [None] * num_experts
         self.generator = torch.Generator().manual_seed(seed)
 
     # What the tokens of the batch now running are for: Hessians ("fit"),
     # the sensitivity sample ("holdout") or both ("both": no held-out sequences).
     role = "both"
+    # Calibration token index of each row of the batch now running (set by profile_model).
+    token_ids: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden, top_k_index, top_k_weights = _routing_arguments(args, kwargs)
@@ -170,18 +180,18 @@ class _ExpertRecorder:
                     self.gate_up[expert].add(x)
                     self.down[expert].add(h)
             if self.role != "fit":
-                self._sample(expert, x, weights[token, slot].float())
+                where = torch.full((len(token),), -1) if self.token_ids is None else self.token_ids[token.cpu()]
+                self._sample(expert, x, weights[token, slot].float(), where)
 
-    def _sample(self, expert: int, x: torch.Tensor, w: torch.Tensor) -> None:
+    def _sample(self, expert: int, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> None:
         priority = torch.rand(x.shape[0], generator=self.generator)
-        x, w = x.cpu(), w.cpu()
+        new = (x.cpu(), w.cpu(), ids, priority)
         if self.samples[expert] is not None:
-            old_x, old_w, old_p = self.samples[expert]
-            x, w, priority = torch.cat([old_x, x]), torch.cat([old_w, w]), torch.cat([old_p, priority])
-        if x.shape[0] > self.sample_tokens:
-            keep = torch.topk(priority, self.sample_tokens, largest=False).indices.sort().values
-            x, w, priority = x[keep], w[keep], priority[keep]
-        self.samples[expert] = (x, w, priority)
+            new = tuple(torch.cat([old, part]) for old, part in zip(self.samples[expert], new))
+        if new[0].shape[0] > self.sample_tokens:
+            keep = torch.topk(new[3], self.sample_tokens, largest=False).indices.sort().values
+            new = tuple(part[keep] for part in new)
+        self.samples[expert] = new
 
     def finish(self) -> LayerProfile:
         hidden = self.experts.gate_up_proj.shape[2]
@@ -189,10 +199,11 @@ class _ExpertRecorder:
         inputs = torch.zeros(self.num_experts, size, hidden)
         weights = torch.zeros(self.num_experts, size)
         sizes = torch.zeros(self.num_experts, dtype=torch.long)
+        positions = torch.full((self.num_experts, size), -1, dtype=torch.long)
         for e, sample in enumerate(self.samples):
             if sample is not None:
                 m = sample[0].shape[0]
-                inputs[e, :m], weights[e, :m], sizes[e] = sample[0], sample[1], m
+                inputs[e, :m], weights[e, :m], positions[e, :m], sizes[e] = sample[0], sample[1], sample[2], m
         return LayerProfile(
             prefix=self.prefix,
             num_tokens=self.num_tokens,
@@ -202,6 +213,7 @@ class _ExpertRecorder:
             sample_inputs=inputs,
             sample_weights=weights,
             sample_sizes=sizes,
+            sample_positions=positions,
         )
 
 
@@ -327,11 +339,14 @@ def profile_model(
     last = max(by_index)  # layers after the last MoE layer need not run
     # Held-out and fitting sequences never share a batch, so each batch has one role.
     groups = [("fit", ~held_out), ("holdout", held_out)] if held_out.any() else [("both", ~held_out)]
-    batches, roles = [], []
+    batches, roles, token_ids = [], [], []
+    seq_len = sequences.shape[1]
     for role, mask in groups:
         group = _first_layer_inputs(model, sequences[mask], batch_size, device)
         batches += group
         roles += [role] * len(group)
+        for seqs in torch.nonzero(mask).flatten().split(batch_size):
+            token_ids.append((seqs[:, None] * seq_len + torch.arange(seq_len)).flatten())
     layer_meta = []
     for index, layer in enumerate(tqdm(decoder_layers(model)[: last + 1], desc="profile", unit="layer")):
         recorder = handle = None
@@ -340,9 +355,9 @@ def profile_model(
             recorder = _ExpertRecorder(moe.prefix, moe.experts, sample_tokens, seed + index, hessian_weights)
             handle = moe.experts.register_forward_pre_hook(recorder, with_kwargs=True)
         try:
-            for batch, role in zip(batches, roles):
+            for batch, role, ids in zip(batches, roles, token_ids):
                 if recorder is not None:
-                    recorder.role = role
+                    recorder.role, recorder.token_ids = role, ids
                 out = layer(batch[0], *batch[1], **batch[2])
                 batch[0] = out[0] if isinstance(out, tuple) else out
         finally:
@@ -383,22 +398,56 @@ def layer_output_gains(
     (at most ``max_sequences``, evenly spread), one sequence at a time; weights
     get no gradients.
     """
-    device = next(model.parameters()).device
-    chosen = sequences[
-        torch.linspace(0, len(sequences) - 1, min(max_sequences, len(sequences))).round().long().unique()
-    ]
+    chosen = torch.linspace(0, len(sequences) - 1, min(max_sequences, len(sequences))).round().long().unique()
     sums = {layer.prefix: 0.0 for layer in moe_layers}
-    tokens = 0
+
+    def add(prefix: str, _index: int, g: torch.Tensor) -> None:
+        sums[prefix] += float(g.double().pow(2).sum())
+
+    _output_gradients(model, moe_layers, sequences, chosen.tolist(), add)
+    tokens = len(chosen) * sequences.shape[1]
+    return {prefix: total / max(tokens, 1) for prefix, total in sums.items()}
+
+
+def token_output_fisher(
+    model: nn.Module, moe_layers: list[MoELayer], sequences: torch.Tensor, wanted: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per MoE layer, (dNLL/dy_t)² [len(ids), hidden] (float32) at the calibration
+    token indices ``wanted[prefix]`` (sequence * seq_len + position, sorted, unique):
+    the per-token diagonal empirical Fisher of the layer's experts output, for
+    the tokens of the sensitivity sample. One forward and backward pass per
+    sequence holding such a token; memory is the wanted rows only.
+    """
+    seq_len = sequences.shape[1]
+    hidden = moe_layers[0].experts.gate_up_proj.shape[2]
+    out = {p: torch.zeros(len(ids), hidden) for p, ids in wanted.items()}
+
+    def store(prefix: str, index: int, g: torch.Tensor) -> None:
+        ids = wanted[prefix]
+        lo, hi = torch.searchsorted(ids, torch.tensor([index * seq_len, (index + 1) * seq_len]))
+        rows = g.reshape(-1, g.shape[-1])[ids[lo:hi] - index * seq_len]
+        out[prefix][lo:hi] = rows.detach().float().pow(2).cpu()
+
+    needed = torch.cat([ids // seq_len for ids in wanted.values()]).unique()
+    _output_gradients(model, moe_layers, sequences, needed.tolist(), store)
+    return out
+
+
+def _output_gradients(model: nn.Module, moe_layers: list[MoELayer], sequences: torch.Tensor,
+                      indices: list[int], on_grad) -> None:
+    """For each sequence index, one forward and backward pass of its NLL; calls
+    ``on_grad(prefix, index, dNLL/d(experts output))`` for every MoE layer. Weights get no
+    gradients, and their requires_grad flags are restored."""
+    device = next(model.parameters()).device
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles = []
+    current = [0]
 
     def watch(prefix):
         def hook(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
             if out.requires_grad:
-                out.register_hook(
-                    lambda g: sums.__setitem__(prefix, sums[prefix] + float(g.double().pow(2).sum()))
-                )
+                out.register_hook(lambda g: on_grad(prefix, current[0], g))
 
         return hook
 
@@ -409,16 +458,14 @@ def layer_output_gains(
             handles.append(layer.experts.register_forward_hook(watch(layer.prefix)))
         embed = model.get_input_embeddings()
         with torch.enable_grad():
-            for seq in chosen:
-                ids = seq[None].to(device)
+            for index in tqdm(indices, desc="loss gradients", unit="seq", disable=len(indices) < 32):
+                current[0] = index
+                ids = sequences[index][None].to(device)
                 inputs = embed(ids).detach().requires_grad_(True)
                 logits = model(inputs_embeds=inputs, use_cache=False).logits[0, :-1].float()
-                nll = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
-                nll.backward()
-                tokens += ids.shape[1]
+                F.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
     finally:
         for h in handles:
             h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-    return {prefix: total / max(tokens, 1) for prefix, total in sums.items()}

@@ -12,6 +12,12 @@ calibration sequences that GPTQ did not fit; see profile.py); the sum over the s
 (routed tokens / sampled tokens), an unbiased estimate of the sum over all of
 them. An expert with no sampled token (never routed) has Δ = 0.
 
+Token weights (optional, ``token_fisher``): each token's squared error is
+weighted by the loss's squared gradient at the layer output, Σ_d f_{t,d} δ_{t,d}²
+with f = (dNLL/dy_t)² (diagonal empirical Fisher, or its mean over d for an
+isotropic weight): Δ then estimates the loss increase itself, comparable across
+layers, and tokens the loss does not care about count less.
+
 "Quantized" means exactly what the export will write: GPTQ with the unit's
 Hessian from the profile (or RTN), through ``quantize_unit``, which the
 pipeline also uses to produce the checkpoint's tensors.
@@ -91,10 +97,15 @@ def expert_output(
     return F.linear(act_fn(gate) * up, down)
 
 
-def weighted_error(y_quant: torch.Tensor, y_ref: torch.Tensor, weights: torch.Tensor) -> float:
-    """Σ_t w_t² ||y_quant[t] − y_ref[t]||², accumulated in float64."""
-    diff = (y_quant - y_ref).detach().double()
-    return float(((weights.double() ** 2) * diff.pow(2).sum(dim=-1)).sum())
+def weighted_error(
+    y_quant: torch.Tensor, y_ref: torch.Tensor, weights: torch.Tensor, fisher: torch.Tensor | None = None
+) -> float:
+    """Σ_t w_t² Σ_d f_{t,d} (y_quant − y_ref)_{t,d}², accumulated in float64; f [T, D] or
+    [T, 1] per-token Fisher weights (None: all 1, the plain squared error)."""
+    sq = (y_quant - y_ref).detach().double().pow(2)
+    if fisher is not None:
+        sq = sq * fisher.double()
+    return float(((weights.double() ** 2) * sq.sum(dim=-1)).sum())
 
 
 @torch.no_grad()
@@ -110,11 +121,13 @@ def layer_sensitivity(
     percdamp: float = DEFAULT_PERCDAMP,
     refit_rounds: int = 0,
     refine_sweeps: int = 0,
+    token_fisher: Sequence[torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Δ as an array [experts, 2 units (gate_up, down), schemes] (float64, >= 0).
 
     gate_up [E, 2I, H] and down [E, H, I] are the layer's float weights (the
-    same, rotated or not, that the profile was taken on).
+    same, rotated or not, that the profile was taken on). ``token_fisher[e]``:
+    Fisher weights [m, H] or [m, 1] of expert e's m sampled tokens (see above).
     """
     parsed = [parse_scheme(s) for s in schemes]
     num_experts = gate_up.shape[0]
@@ -132,6 +145,7 @@ def layer_sensitivity(
         # the sample stands for all routed tokens of the expert
         scale = float(profile.counts[e]) / x.shape[0]
         hessians = {"gate_up": profile.gate_up_hessian[e], "down": profile.down_hessian[e]}
+        fisher = None if token_fisher is None else token_fisher[e].to(device)
         for s, scheme in enumerate(parsed):
             for u, unit in enumerate(UNITS):
                 weight = w_gate_up if unit == "gate_up" else w_down
@@ -143,7 +157,7 @@ def layer_sensitivity(
                     if unit == "gate_up"
                     else expert_output(x, w_gate_up, fake, act_fn)
                 )
-                loss[e, u, s] = scale * weighted_error(y, reference, w)
+                loss[e, u, s] = scale * weighted_error(y, reference, w, fisher)
         if progress is not None:
             progress.update()
     return loss

@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import hf_greedy, vllm_generate
@@ -25,9 +26,17 @@ from offline.dequantize import dequantize_checkpoint
 from offline.ilp import unit_shapes
 from offline.model_spec import ModelSpecError, inspect_model, tensor_names
 from offline.pipeline import PipelineError, quantize_mxmoe
-from offline.profile import ProfileStore, find_moe_layers, holdout_mask, layer_output_gains, profile_model
+from offline.profile import (
+    LayerProfile,
+    ProfileStore,
+    find_moe_layers,
+    holdout_mask,
+    layer_output_gains,
+    profile_model,
+    token_output_fisher,
+)
 from offline.rotation import rotate_model_
-from offline.sensitivity import expert_output, quantize_unit, weighted_error
+from offline.sensitivity import expert_output, layer_sensitivity, quantize_unit, weighted_error
 from vllm_mxmoe.format import read_quant_config
 from vllm_mxmoe.schemes import parse_scheme
 
@@ -520,6 +529,107 @@ def test_layer_output_gains_are_the_mean_squared_output_gradients(source, calib)
         assert gains[prefix] == pytest.approx(expected[prefix], rel=1e-4) and gains[prefix] > 0
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_sample_positions_and_token_fisher(source, calib, tmp_path):
+    """The profile records each sampled token's calibration index (sequence * seq_len +
+    position), also with held-out sequences reordering the batches; token_output_fisher
+    returns (dNLL/d(experts output))² at those tokens, checked against autograd."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    layers = find_moe_layers(model, inspect_model(source))
+    sequences = load_calibration(source, calib, seq_len=32, num_tokens=4 * 32)
+    store = profile_model(model, layers, sequences, ProfileStore(tmp_path / "p"), 10_000, holdout=0.5)
+    inputs, outputs = {}, {}
+    handles = [h for layer in layers for h in (
+        layer.experts.register_forward_pre_hook(lambda m, a, k, p=layer.prefix: inputs.__setitem__(p, (a or (k["hidden_states"],))[0]), with_kwargs=True),
+        layer.experts.register_forward_hook(lambda m, a, o, p=layer.prefix: outputs.__setitem__(p, o)),
+    )]  # fmt: skip
+    expected = {}
+    for index in range(len(sequences)):
+        ids = sequences[index][None]
+        logits = model(ids, use_cache=False).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        grads = torch.autograd.grad(nll, [outputs[layer.prefix] for layer in layers])
+        for layer, g in zip(layers, grads):
+            x = inputs[layer.prefix].detach().reshape(32, -1)
+            expected.setdefault(layer.prefix, []).append((x, g.detach().reshape(32, -1).pow(2)))
+    for h in handles:
+        h.remove()
+    wanted = {}
+    for layer in layers:
+        profile = store.load(layer.prefix)
+        x_all = torch.cat([x for x, _ in expected[layer.prefix]])
+        for e in range(profile.counts.shape[0]):
+            x, _ = profile.samples(e)
+            ids = profile.sample_token_ids(e)
+            assert (ids >= 0).all() and (ids // 32).unique().tolist() in ([], [0, 3], [0], [3])
+            torch.testing.assert_close(x, x_all[ids], rtol=1e-4, atol=1e-5)
+        wanted[layer.prefix] = profile.sample_positions[profile.sample_positions >= 0].unique()
+    got = token_output_fisher(model, layers, sequences, wanted)
+    for layer in layers:
+        g_all = torch.cat([g for _, g in expected[layer.prefix]])
+        torch.testing.assert_close(got[layer.prefix], g_all[wanted[layer.prefix]], rtol=1e-4, atol=1e-10)
+        assert got[layer.prefix].sum() > 0
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_token_fisher_weights_in_the_sensitivity():
+    """Δ with per-token Fisher weights: equal weights c give c times the plain Δ (isotropic
+    [m, 1] and diagonal [m, H] alike); a token with zero gradient contributes nothing, as
+    if its routing weight were 0; a weight on one output dimension counts only there."""
+    torch.manual_seed(0)
+    experts, hidden, inter, m = 2, 64, 32, 6
+    gate_up, down = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
+    x = torch.randn(experts, m, hidden)
+
+    def profile(weights):
+        return LayerProfile(
+            prefix="l", num_tokens=m, counts=torch.full((experts,), m), gate_up_hessian=torch.zeros(experts, hidden, hidden),
+            down_hessian=torch.zeros(experts, inter, inter), sample_inputs=x, sample_weights=weights,
+            sample_sizes=torch.full((experts,), m),
+        )  # fmt: skip
+
+    weights = torch.rand(experts, m) + 0.5
+    act = torch.nn.functional.silu
+
+    def delta(p, fisher=None):
+        return layer_sensitivity(gate_up, down, act, p, ["w2g32"], "rtn", token_fisher=fisher)
+
+    plain = delta(profile(weights))
+    assert (plain > 0).all()
+    np.testing.assert_allclose(delta(profile(weights), [torch.full((m, 1), 2.5)] * experts), 2.5 * plain, rtol=1e-12)
+    np.testing.assert_allclose(delta(profile(weights), [torch.full((m, hidden), 2.5)] * experts), 2.5 * plain, rtol=1e-12)
+    one_off = torch.ones(m, 1)
+    one_off[2] = 0
+    dropped = weights.clone()
+    dropped[:, 2] = 0
+    np.testing.assert_allclose(delta(profile(weights), [one_off] * experts), delta(profile(dropped)), rtol=1e-12)
+    assert (delta(profile(dropped)) < plain).all()
+    # weight only on dimension 0: Δ = Σ_t w_t² δ_{t,0}², directly from the quantized outputs
+    only = torch.zeros(m, hidden)
+    only[:, 0] = 1
+    got = delta(profile(weights), [only] * experts)
+    fake = quantize_unit(down[1], torch.zeros(inter, inter), parse_scheme("w2g32"), "rtn").fake_quantized
+    err = expert_output(x[1], gate_up[1], fake, act) - expert_output(x[1], gate_up[1], down[1], act)
+    assert got[1, 1, 0] == pytest.approx(float((weights[1].double() ** 2 * err[:, 0].double() ** 2).sum()), rel=1e-6)
+
+
+def test_token_weights_in_the_pipeline(run, source, calib, tmp_path):
+    """token_weights="fisher"/"fisher-diag": the per-token Fisher is computed once next to the
+    profile, Δ gets its own cache entries, and no per-layer gains are applied on top."""
+    common = {"wbits": 3.25, "r": 1.0, "cache_dir": str(run.out_dir / "cache"), **FAST}
+    iso = quantize_mxmoe(source, calib, tmp_path / "iso", token_weights="fisher", budget_scope="model", **common)
+    assert iso.stages["profile"] == "cached" and iso.stages["token_fisher"] == "computed"
+    assert iso.stages["sensitivity"] == "computed" and iso.stages["layer_gains"] == "skipped"
+    assert all(e["loss_weight"] == 1.0 for e in iso.report["layers"])
+    diag = quantize_mxmoe(source, calib, tmp_path / "diag", token_weights="fisher-diag", **common)
+    assert diag.stages["token_fisher"] == "cached" and diag.stages["sensitivity"] == "computed"
+    assert diag.report["predicted_loss"] != run.report["predicted_loss"]
+    assert run.stages["token_fisher"] == "skipped"
+    with pytest.raises(PipelineError, match="token-weights"):
+        quantize_mxmoe(source, calib, tmp_path / "bad", wbits=3.25, token_weights="hessian", **FAST)
 
 
 # -- errors ---------------------------------------------------------------------------
