@@ -6,8 +6,8 @@ Run on a CUDA machine with vLLM (../shared/gpu-vllm) and the plugin registered:
 
 Each variant (benchmarks/speed_configs.py, random weights, CUDA graphs on as in gpu_serving_check.py) runs in
 its own subprocess with the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so torch.profiler sees its
-kernels: one warm-up batch, then ``--batch`` random 128-token prompts generating ``--tokens`` tokens under the
-profiler. Prints and writes ($OUT/serving_profile_<variant>.txt) GPU time per kernel name, largest first, with
+kernels: one warm-up batch, then the same ``--batch`` random 128-token prompts generating ``--tokens`` tokens
+under the profiler (the warm-up leaves the prompts in vLLM's prefix cache, so the profile is nearly all decode). Prints and writes ($OUT/serving_profile_<variant>.txt) GPU time per kernel name, largest first, with
 each kernel's share of the summed kernel time and its time per generated token step.
 
 With ``--record-routing FILE`` an mxmoe variant runs eagerly instead (no CUDA graphs, no profile) and saves
@@ -46,7 +46,7 @@ def profile_variant(model_dir: str, tag: str, batch: int, tokens: int) -> None:
     rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
-    head = f"# {tag}: batch {batch}, {tokens} tokens out (prefill included), wall {wall:.3f} s"
+    head = f"# {tag}: batch {batch}, {tokens} tokens out (prefix-cached prompts), wall {wall:.3f} s"
     lines = [f"{head}, kernel time {total / 1e3:.1f} ms ({len(rows)} kernel names)",
              f"{'us total':>10} {'share':>6} {'us/step':>8} {'calls':>7}  kernel"]  # fmt: skip
     for name, us, count in rows[:TOP]:
