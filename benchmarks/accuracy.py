@@ -219,15 +219,15 @@ def run_one(name: str, options: dict | None, args, windows, command: str) -> dic
 
 
 # What a uniform baseline must share with an MxMoE row to count as "the same treatment": everything that
-# changes how a block is rounded (the allocation options do not apply to a uniform row).
-TREATMENT = ("method", "hadamard", "clip", "percdamp", "sequential", "refit_rounds", "refine_sweeps", "seed")
+# changes how a block is rounded, and the seed (the allocation options do not apply to a uniform row).
+TREATMENT = ("method", "hadamard", "clip", "percdamp", "sequential", "refit_rounds", "refine_sweeps")
 UNIFORM_AT = {2.25: "w2g128", 3.25: "w3g128"}
 
 
 def _treatment(row: dict) -> tuple:
     # rows written before "seed" was recorded carry it in their name only ("seed1-...")
     seed = row.get("seed", int(row["name"][4]) if row["name"].startswith("seed") else 0)
-    return tuple(row.get(k) for k in TREATMENT if k != "seed") + (seed,)
+    return (*(row.get(k) for k in TREATMENT), seed)
 
 
 def goals(rows: dict[str, dict]) -> list[str]:
