@@ -6,13 +6,19 @@ Run on a CUDA machine with vLLM (../shared/gpu-vllm) and the plugin registered:
 
 Each variant (benchmarks/speed_configs.py, random weights, CUDA graphs on as in gpu_serving_check.py) runs in
 its own subprocess with the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so torch.profiler sees its
-kernels: one warm-up batch, then the same ``--batch`` random 128-token prompts generating ``--tokens`` tokens
-under the profiler (the warm-up leaves the prompts in vLLM's prefix cache, so the profile is nearly all decode). Prints and writes ($OUT/serving_profile_<variant>.txt) GPU time per kernel name, largest first, with
-each kernel's share of the summed kernel time and its time per generated token step.
+kernels. For every batch size of ``--batch`` (a comma list; one engine serves them all): one warm-up batch,
+then the same random 128-token prompts generating ``--tokens`` tokens under the profiler (the warm-up leaves
+the prompts in vLLM's prefix cache, so the profile is nearly all decode). Prints and writes
+($OUT/serving_profile_<variant>[_b<batch>].txt) GPU time per kernel name, largest first, with each kernel's
+share of the summed kernel time and its time per generated token step.
+
+``--trace`` also writes every expert-GEMM kernel launch of the profiled batch in launch order, with its GPU
+time ($OUT/serving_kernels_<variant>_b<batch>.json), for ``served_layer_error.py`` to split into layers.
 
 With ``--record-routing FILE`` an mxmoe variant runs eagerly instead (no CUDA graphs, no profile) and saves
-the router's choice of every MoE layer at every decode step of ``--batch`` sequences (topk ids and weights,
-as the plugin receives them) to FILE, for ``baselines.py --routing FILE`` to replay on the kernels alone.
+the router's choice of every MoE layer at every decode step of each batch size's sequences (topk ids and
+weights, as the plugin receives them) to FILE, for ``baselines.py --routing FILE`` to replay on the kernels
+alone and for ``served_layer_error.py`` to predict from. ``{tag}`` in FILE becomes the variant's tag.
 """
 
 from __future__ import annotations
@@ -30,75 +36,107 @@ from benchmarks.gpu_serving_check import dummy_engine, fixed_length, random_prom
 
 OUT = Path(os.environ.get("OUT", "."))
 TOP = 30
+# Expert-GEMM kernels: ours, vLLM's Marlin MoE, vLLM's Triton fused_moe (bf16).
+EXPERT_GEMM_KERNELS = ("_grouped_gemm_kernel", "marlin_moe", "fused_moe_kernel")
 
 
-def profile_variant(model_dir: str, tag: str, batch: int, tokens: int) -> None:
+def expert_gemm_launches(chrome_trace: dict) -> list[tuple[str, float]]:
+    """(kernel name, GPU us) of every expert-GEMM launch of a torch.profiler chrome trace, in launch order."""
+    kernels = [e for e in chrome_trace.get("traceEvents", []) if e.get("cat") == "kernel"
+               and any(k in e.get("name", "") for k in EXPERT_GEMM_KERNELS)]  # fmt: skip
+    kernels.sort(key=lambda e: e["ts"])
+    return [(e["name"], float(e["dur"])) for e in kernels]
+
+
+def profile_variant(model_dir: str, tag: str, batches: list[int], tokens: int, trace: bool) -> None:
+    import json
+    import tempfile
+
     import numpy as np
     from torch.profiler import ProfilerActivity, profile
 
     llm = dummy_engine(model_dir)
-    prompts, sp = random_prompts(np.random.default_rng(0), batch), fixed_length(tokens)
-    llm.generate(prompts, sp, use_tqdm=False)  # warm-up: same shapes, nothing first-run in the profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
-        llm.generate(prompts, sp, use_tqdm=False)
-        wall = time.perf_counter() - t
-    rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r[1])
-    total = sum(r[1] for r in rows)
-    head = f"# {tag}: batch {batch}, {tokens} tokens out (prefix-cached prompts), wall {wall:.3f} s"
-    lines = [f"{head}, kernel time {total / 1e3:.1f} ms ({len(rows)} kernel names)",
-             f"{'us total':>10} {'share':>6} {'us/step':>8} {'calls':>7}  kernel"]  # fmt: skip
-    for name, us, count in rows[:TOP]:
-        lines.append(f"{us:10.0f} {us / total:6.1%} {us / tokens:8.1f} {count:7d}  {name[:110]}")
-    text = "\n".join(lines)
-    print(text, flush=True)
-    (OUT / f"serving_profile_{tag}.txt").write_text(text + "\n")
+    for batch in batches:
+        name = tag if len(batches) == 1 else f"{tag}_b{batch}"
+        prompts, sp = random_prompts(np.random.default_rng(0), batch), fixed_length(tokens)
+        llm.generate(prompts, sp, use_tqdm=False)  # warm-up: same shapes, nothing first-run in the profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            llm.generate(prompts, sp, use_tqdm=False)
+            wall = time.perf_counter() - t
+        rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+        rows.sort(key=lambda r: -r[1])
+        total = sum(r[1] for r in rows)
+        head = f"# {name}: batch {batch}, {tokens} tokens out (prefix-cached prompts), wall {wall:.3f} s"
+        lines = [f"{head}, kernel time {total / 1e3:.1f} ms ({len(rows)} kernel names)",
+                 f"{'us total':>10} {'share':>6} {'us/step':>8} {'calls':>7}  kernel"]  # fmt: skip
+        for kernel, us, count in rows[:TOP]:
+            lines.append(f"{us:10.0f} {us / total:6.1%} {us / tokens:8.1f} {count:7d}  {kernel[:110]}")
+        text = "\n".join(lines)
+        print(text, flush=True)
+        (OUT / f"serving_profile_{name}.txt").write_text(text + "\n")
+        if trace:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                prof.export_chrome_trace(f.name)
+                launches = expert_gemm_launches(json.loads(Path(f.name).read_text()))
+            config = json.loads((Path(model_dir) / "config.json").read_text())
+            meta = dict(variant=tag, batch=batch, tokens=tokens, config=config, launches=launches)
+            (OUT / f"serving_kernels_{tag}_b{batch}.json").write_text(json.dumps(meta))
 
 
-def record_routing(model_dir: str, batch: int, tokens: int, path: str) -> None:
+def record_routing(model_dir: str, batches: list[int], tokens: int, path: str) -> None:
+    """Eager engine; saves (layer key, topk ids, topk weights) of every MoE layer at every decode step of every
+    batch size (the ids' rows are the batch size)."""
     import numpy as np
     import torch
 
     from vllm_mxmoe import moe
 
-    samples = []
+    samples, current = [], {"batch": None}  # None while the engine starts (its warm-up runs)
     forward = moe.MxMoEFusedMoEMethod.forward_eager
 
     def recording(self, layer, x, topk_weights, topk_ids):
-        if x.shape[0] == batch:  # decode steps only (prefill batches are larger)
+        if x.shape[0] == current["batch"]:  # decode steps only (prefill batches are larger)
             samples.append((layer.mxmoe_key, topk_ids.to("cpu", torch.int32), topk_weights.float().cpu()))
         return forward(self, layer, x, topk_weights, topk_ids)
 
     moe.MxMoEFusedMoEMethod.forward_eager = recording
     llm = dummy_engine(model_dir, enforce_eager=True)
-    llm.generate(random_prompts(np.random.default_rng(0), batch), fixed_length(tokens), use_tqdm=False)
+    for batch in batches:
+        current["batch"] = batch
+        llm.generate(random_prompts(np.random.default_rng(0), batch), fixed_length(tokens), use_tqdm=False)
     torch.save(samples, path)
-    print(f"recorded {len(samples)} routings of {batch} tokens to {path}", flush=True)
+    print(f"recorded {len(samples)} routings of {batches} tokens to {path}", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="qwen3-30b-a3b", help="a name in speed_configs.CONFIGS")
     p.add_argument("--variants", default="gptq4_marlin,mxmoe_mixed325")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", default="64", help="batch sizes, comma-separated")
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--record-routing", metavar="FILE", help="save decode-step routing (mxmoe variants) instead")
+    p.add_argument("--trace", action="store_true", help="also write every expert-GEMM launch in order")
+    p.add_argument(
+        "--record-routing", metavar="FILE", help="save decode-step routing (mxmoe variants) instead"
+    )
     p.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "TAG"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
     if args.one and args.record_routing:
-        record_routing(args.one[0], args.batch, args.tokens, args.record_routing)
+        record_routing(args.one[0], batches, args.tokens, args.record_routing.format(tag=args.one[1]))
         return
     if args.one:
-        profile_variant(args.one[0], args.one[1], args.batch, args.tokens)
+        profile_variant(args.one[0], args.one[1], batches, args.tokens, args.trace)
         return
     from benchmarks.speed_configs import CONFIGS, write_all
 
     paths = write_all(Path("/tmp/speed_cfgs") / args.config, CONFIGS[args.config])
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     for tag in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--batch", str(args.batch), "--tokens", str(args.tokens),
+        cmd = [sys.executable, __file__, "--batch", args.batch, "--tokens", str(args.tokens),
                "--one", str(paths[tag]), f"{args.config}_{tag}"]  # fmt: skip
+        if args.trace:
+            cmd.append("--trace")
         if args.record_routing:
             cmd += ["--record-routing", args.record_routing]
         subprocess.run(cmd, env=env, check=False)
