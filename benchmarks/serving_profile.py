@@ -13,7 +13,8 @@ the prompts in vLLM's prefix cache, so the profile is nearly all decode). Prints
 share of the summed kernel time and its time per generated token step.
 
 ``--trace`` also writes every expert-GEMM kernel launch of the profiled batch in launch order, with its GPU
-time ($OUT/serving_kernels_<variant>_b<batch>.json), for ``served_layer_error.py`` to split into layers.
+time ($OUT/serving_kernels_<variant>_b<batch>.json), for ``served_layer_error.py`` to split into layers, and
+where the GPU sat idle between kernels (the longest gaps, with the kernels around them).
 
 With ``--record-routing FILE`` an mxmoe variant runs eagerly instead (no CUDA graphs, no profile) and saves
 the router's choice of every MoE layer at every decode step of each batch size's sequences (topk ids and
@@ -48,6 +49,28 @@ def expert_gemm_launches(chrome_trace: dict) -> list[tuple[str, float]]:
     return [(e["name"], float(e["dur"])) for e in kernels]
 
 
+def idle_gaps(chrome_trace: dict, top: int = 8) -> dict:
+    """Where the GPU ran no kernel during the profiled batch: span, busy time and the longest gaps (us), with
+    the kernels on either side. Tells host-side stalls (compiles, syncs, Python) from slow kernels."""
+    kernels = sorted((e for e in chrome_trace.get("traceEvents", []) if e.get("cat") == "kernel"),
+                     key=lambda e: e["ts"])  # fmt: skip
+    if not kernels:
+        return {}
+    start, busy, end, gaps, before = kernels[0]["ts"], 0.0, kernels[0]["ts"], [], None
+    for e in kernels:
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, end - start, before, e["name"][:60]))
+        busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
+        end, before = max(end, e["ts"] + e["dur"]), e["name"][:60]
+    gaps.sort(reverse=True)
+    return {
+        "span_us": end - start,
+        "busy_us": busy,
+        "idle_us": sum(g[0] for g in gaps),
+        "longest": [dict(us=g[0], at_us=g[1], after=g[2], before=g[3]) for g in gaps[:top]],
+    }
+
+
 def profile_variant(model_dir: str, tag: str, batches: list[int], tokens: int, trace: bool) -> None:
     import json
     import tempfile
@@ -78,10 +101,16 @@ def profile_variant(model_dir: str, tag: str, batches: list[int], tokens: int, t
         if trace:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 prof.export_chrome_trace(f.name)
-                launches = expert_gemm_launches(json.loads(Path(f.name).read_text()))
+                chrome = json.loads(Path(f.name).read_text())
+            gaps = idle_gaps(chrome)
             config = json.loads((Path(model_dir) / "config.json").read_text())
-            meta = dict(variant=tag, batch=batch, tokens=tokens, config=config, launches=launches)
+            meta = dict(variant=tag, batch=batch, tokens=tokens, config=config, idle=gaps,
+                        launches=expert_gemm_launches(chrome))  # fmt: skip
             (OUT / f"serving_kernels_{tag}_b{batch}.json").write_text(json.dumps(meta))
+            if gaps:
+                print(f"# {name}: GPU busy {gaps['busy_us'] / 1e3:.1f} of {gaps['span_us'] / 1e3:.1f} ms; longest idle "
+                      + ", ".join(f"{g['us'] / 1e3:.2f} ms at {g['at_us'] / 1e3:.1f}" for g in gaps["longest"][:4]),
+                      flush=True)  # fmt: skip
 
 
 def record_routing(model_dir: str, batches: list[int], tokens: int, path: str) -> None:
