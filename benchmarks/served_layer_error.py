@@ -106,9 +106,8 @@ def predicted_layer_us(model: PerfModel, gate_up: list[str], down: list[str], sh
     total = 0.0
     for e, r in enumerate(rows):
         if r > 0:
-            total += model.time_us(gate_up[e], *shapes["gate_up"], float(r)) + model.time_us(
-                down[e], *shapes["down"], float(r)
-            )
+            total += model.time_us(gate_up[e], *shapes["gate_up"], float(r))
+            total += model.time_us(down[e], *shapes["down"], float(r))
     return total
 
 
