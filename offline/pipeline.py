@@ -310,8 +310,9 @@ class _Pipeline:
         moe_layers = find_moe_layers(model, spec)
         store = self._profile(model, moe_layers, sequences) if opts.needs_calibration else None
         if fixed is None:
-            fisher = self._token_fisher(model, moe_layers, store, sequences)
-            losses = self._sensitivity(moe_layers, store, fisher)
+            losses = self._sensitivity(
+                moe_layers, store, lambda: self._token_fisher(model, moe_layers, store, sequences)
+            )
             gains = self.gains = self._layer_gains(model, moe_layers, store, sequences)
             layers = self._allocate(moe_layers, store, losses, perf, gains)
         else:
@@ -390,12 +391,13 @@ class _Pipeline:
         )
 
     def _sensitivity(
-        self, moe_layers: list[MoELayer], store: ProfileStore, fisher: dict | None = None
+        self, moe_layers: list[MoELayer], store: ProfileStore, token_fisher=lambda: None
     ) -> dict[str, np.ndarray]:
         """Δ [experts, units, schemes] per layer. Cached one file per scheme (keyed by
         profile, scheme, method and clip), so a run with more or other candidates
         computes only the schemes no earlier run measured (Δ of a scheme does not
-        depend on the other candidates)."""
+        depend on the other candidates). ``token_fisher()`` gives the token weights
+        (_token_fisher); it is called only when some scheme's Δ must be computed."""
         o = self.opts
 
         def path_of(scheme: str) -> Path:
@@ -403,7 +405,7 @@ class _Pipeline:
             refit = {"refit_rounds": o.refit_rounds} if o.refit_rounds else {}
             refines = o.refine_sweeps and refines_codes_of(parse_scheme(scheme))  # Δ of other schemes is unchanged
             refine = {"refine_sweeps": o.refine_sweeps} if refines else {}
-            tokens = {"token_weights": o.token_weights} if fisher is not None else {}
+            tokens = {"token_weights": o.token_weights} if o.token_weights != "none" else {}
             key = _hash({"profile": store.folder.name, "scheme": scheme, "method": o.method, "clip": o.clip,
                          **damp, **refit, **refine, **tokens})
             return self.cache / f"sensitivity-{key}.pt"
@@ -415,7 +417,10 @@ class _Pipeline:
                 per_scheme[scheme] = {k: v.numpy() for k, v in saved.items()}
         missing = [s for s in o.schemes if s not in per_scheme]
         self.stages["sensitivity"] = "computed" if missing else "cached"
-        if missing:
+        if not missing:
+            self.stages["token_fisher"] = "skipped"  # the token weights only feed Δ
+        else:
+            fisher = token_fisher()
             computed: dict[str, np.ndarray] = {}
             total = sum(layer.experts.gate_up_proj.shape[0] for layer in moe_layers)
             with tqdm(total=total, desc=f"sensitivity ({len(missing)} schemes)", unit="expert") as bar:

@@ -627,6 +627,9 @@ def test_token_weights_in_the_pipeline(run, source, calib, tmp_path):
     diag = quantize_mxmoe(source, calib, tmp_path / "diag", token_weights="fisher-diag", **common)
     assert diag.stages["token_fisher"] == "cached" and diag.stages["sensitivity"] == "computed"
     assert diag.report["predicted_loss"] != run.report["predicted_loss"]
+    again = quantize_mxmoe(source, calib, tmp_path / "again", token_weights="fisher-diag", **common)
+    assert again.stages["sensitivity"] == "cached" and again.stages["token_fisher"] == "skipped"  # not loaded
+    assert again.report["predicted_loss"] == diag.report["predicted_loss"]
     assert run.stages["token_fisher"] == "skipped"
     with pytest.raises(PipelineError, match="token-weights"):
         quantize_mxmoe(source, calib, tmp_path / "bad", wbits=3.25, token_weights="hessian", **FAST)
