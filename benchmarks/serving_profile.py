@@ -33,7 +33,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.gpu_serving_check import dummy_engine, fixed_length, random_prompts  # noqa: E402
+from benchmarks.gpu_serving_check import (  # noqa: E402
+    SPREAD_ROUTERS_HELP,
+    dummy_engine,
+    fixed_length,
+    ints,
+    random_prompts,
+)
 
 OUT = Path(os.environ.get("OUT", "."))
 TOP = 30
@@ -41,19 +47,21 @@ TOP = 30
 EXPERT_GEMM_KERNELS = ("_grouped_gemm_kernel", "marlin_moe", "fused_moe_kernel")
 
 
-def expert_gemm_launches(chrome_trace: dict) -> list[tuple[str, float]]:
-    """(kernel name, GPU us) of every expert-GEMM launch of a torch.profiler chrome trace, in launch order."""
-    kernels = [e for e in chrome_trace.get("traceEvents", []) if e.get("cat") == "kernel"
-               and any(k in e.get("name", "") for k in EXPERT_GEMM_KERNELS)]  # fmt: skip
-    kernels.sort(key=lambda e: e["ts"])
-    return [(e["name"], float(e["dur"])) for e in kernels]
+def kernel_events(chrome_trace: dict) -> list[dict]:
+    """The GPU kernels of a torch.profiler chrome trace, in start order."""
+    kernels = [e for e in chrome_trace.get("traceEvents", []) if e.get("cat") == "kernel"]
+    return sorted(kernels, key=lambda e: e["ts"])
 
 
-def idle_gaps(chrome_trace: dict, top: int = 8) -> dict:
-    """Where the GPU ran no kernel during the profiled batch: span, busy time and the longest gaps (us), with
-    the kernels on either side. Tells host-side stalls (compiles, syncs, Python) from slow kernels."""
-    kernels = sorted((e for e in chrome_trace.get("traceEvents", []) if e.get("cat") == "kernel"),
-                     key=lambda e: e["ts"])  # fmt: skip
+def expert_gemm_launches(kernels: list[dict]) -> list[tuple[str, float]]:
+    """(kernel name, GPU us) of every expert-GEMM launch among ``kernels`` (kernel_events), in order."""
+    return [(e["name"], float(e["dur"])) for e in kernels if any(k in e["name"] for k in EXPERT_GEMM_KERNELS)]
+
+
+def idle_gaps(kernels: list[dict], top: int = 8) -> dict:
+    """Where the GPU ran none of ``kernels`` (kernel_events) during the profiled batch: span, busy time and the
+    longest gaps (us), with the kernels on either side. Tells host-side stalls (compiles, syncs, Python) from
+    slow kernels."""
     if not kernels:
         return {}
     start, busy, end, gaps, before = kernels[0]["ts"], 0.0, kernels[0]["ts"], [], None
@@ -103,11 +111,11 @@ def profile_variant(
         if trace:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 prof.export_chrome_trace(f.name)
-                chrome = json.loads(Path(f.name).read_text())
-            gaps = idle_gaps(chrome)
+                kernels = kernel_events(json.loads(Path(f.name).read_text()))
+            gaps = idle_gaps(kernels)
             config = json.loads((Path(model_dir) / "config.json").read_text())
             meta = dict(variant=tag, batch=batch, tokens=tokens, config=config, idle=gaps,
-                        launches=expert_gemm_launches(chrome))  # fmt: skip
+                        launches=expert_gemm_launches(kernels))  # fmt: skip
             (OUT / f"serving_kernels_{tag}_b{batch}.json").write_text(json.dumps(meta))
             if gaps:
                 longest = ", ".join(
@@ -154,15 +162,10 @@ def main() -> None:
     p.add_argument(
         "--record-routing", metavar="FILE", help="save decode-step routing (mxmoe variants) instead"
     )
-    p.add_argument(
-        "--spread-routers",
-        action="store_true",
-        help="refill the router gates after loading (gpu_serving_check.spread_router_weights: DeepSeek's dummy "
-        "routing otherwise sends every token to the same 6 experts); applies to every variant alike",
-    )
+    p.add_argument("--spread-routers", action="store_true", help=SPREAD_ROUTERS_HELP)
     p.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "TAG"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = ints(args.batch)
     if args.one and args.record_routing:
         path = args.record_routing.format(tag=args.one[1])
         record_routing(args.one[0], batches, args.tokens, path, args.spread_routers)

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import served_layer_error as sle
 from benchmarks import speed_configs as sc
-from benchmarks.serving_profile import expert_gemm_launches, idle_gaps
+from benchmarks.serving_profile import expert_gemm_launches, idle_gaps, kernel_events
 from offline.perf_model import PerfModel
 
 # Two MoE layers of four experts, top-2; layer 0 is dense (DeepSeek-style first_k_dense_replace).
@@ -38,18 +38,18 @@ def test_launches_are_filtered_and_ordered_from_a_chrome_trace():
         dict(cat="kernel", name="void marlin_moe_wna16::Marlin<1>", ts=20, dur=2.0),
         dict(cat="cpu_op", name="_grouped_gemm_kernel", ts=5, dur=1.0),
     ]
-    assert expert_gemm_launches({"traceEvents": events}) == [("void marlin_moe_wna16::Marlin<1>", 2.0),
-                                                             ("_grouped_gemm_kernel", 4.0)]  # fmt: skip
+    launches = expert_gemm_launches(kernel_events({"traceEvents": events}))
+    assert launches == [("void marlin_moe_wna16::Marlin<1>", 2.0), ("_grouped_gemm_kernel", 4.0)]
 
 
 def test_idle_gaps_count_only_time_without_any_kernel():
     events = [dict(cat="kernel", name="a", ts=0, dur=10), dict(cat="kernel", name="b", ts=5, dur=10),
               dict(cat="cpu_op", name="host", ts=20, dur=100), dict(cat="kernel", name="c", ts=40, dur=5),
               dict(cat="kernel", name="d", ts=46, dur=4)]  # fmt: skip
-    gaps = idle_gaps({"traceEvents": events})
+    gaps = idle_gaps(kernel_events({"traceEvents": events}))
     assert (gaps["span_us"], gaps["busy_us"], gaps["idle_us"]) == (50, 24, 26)
     assert gaps["longest"][0] == dict(us=25, at_us=15, after="b", before="c")
-    assert idle_gaps({"traceEvents": []}) == {}
+    assert idle_gaps(kernel_events({"traceEvents": []})) == {}
 
 
 def test_layer_times_drop_the_first_step_and_follow_the_checkpoint_schemes():
