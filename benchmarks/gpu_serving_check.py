@@ -110,8 +110,10 @@ HTTP_PROMPTS = ["The Linux kernel", "In Python, a list comprehension", "To confi
 # have std ~1: bf16 scores then differ and routing spreads, identically for every variant (bf16, Marlin,
 # mxmoe: the gate is bf16 and unquantized in all of them, and the router input is the same).
 DUMMY_ROUTER_INPUT_RMS = 2.9e-4
-SPREAD_ROUTERS_HELP = ("refill the router gates after loading (spread_router_weights) so dummy routing spreads, "
-                       "the same in every variant (DeepSeek's otherwise sends every token to the same 6 experts)")
+SPREAD_ROUTERS_HELP = (
+    "refill the router gates after loading (spread_router_weights) so dummy routing spreads, the same "
+    "in every variant (DeepSeek's otherwise sends every token to the same 6 experts)"
+)
 
 
 def spread_router_weights(model, logit_std: float = 1.0, seed: int = 0) -> list[str]:
