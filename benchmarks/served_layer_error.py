@@ -26,6 +26,7 @@ routing_counts_<tag>.json this script writes from it). Writes served_layer_error
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -81,6 +82,7 @@ def counts_for(run_dir: Path, tag: str, experts: int) -> tuple[dict | None, str 
     return (load_counts(run_dir, source, experts), source) if source else (None, None)
 
 
+@functools.cache  # every batch size's trace of a model reads the same recording
 def load_counts(run_dir: Path, tag: str, experts: int) -> dict[int, dict[str, list[list[int]]]] | None:
     cached = run_dir / f"routing_counts_{tag}.json"
     if cached.exists():
