@@ -46,7 +46,7 @@ from vllm_mxmoe.kernels.configs import config_for_key, default_dequant  # noqa: 
 from vllm_mxmoe.kernels.act_quant import quantize_fp8_per_token, silu_and_mul  # noqa: E402
 from vllm_mxmoe.kernels.fused_moe import gemm_key, mxmoe_fused_experts, select_configs  # noqa: E402
 from vllm_mxmoe.kernels.grouped_gemm import grouped_gemm, needs_fp8_activations  # noqa: E402
-from vllm_mxmoe.kernels.layout import ExpertGemmWeights, block_sizes, is_fragment_ordered  # noqa: E402
+from vllm_mxmoe.kernels.layout import ExpertGemmWeights, block_sizes  # noqa: E402
 from vllm_mxmoe.kernels.reference import fake_quant_fp8_per_token, reference_fused_experts, silu_mul  # noqa: E402
 from vllm_mxmoe.schemes import KNOWN_SCHEMES, parse_scheme  # noqa: E402
 
@@ -87,9 +87,9 @@ def assignment(name: str, experts: int, seed: int) -> tuple[list[str], list[str]
         g = torch.Generator().manual_seed(seed)
         pick = lambda: ["w2", "w2", "w2", "w3g128"][int(torch.randint(4, (1,), generator=g))]  # noqa: E731
         return [pick() for _ in range(experts)], [pick() for _ in range(experts)]
-    if name == "int4mix":  # 4-bit weight-only schemes the csrc/ kernel takes: groups < 128 (format-v1 order;
-        pool = ["w4g64", "w4g64_sym", "w4g32"]  # group-128 and per-channel blocks are in fragment order)
-        return [pool[e % 3] for e in range(experts)], [pool[(e + 1) % 3] for e in range(experts)]
+    if name == "int4mix":  # 4-bit weight-only schemes the csrc/ kernel takes, both packings in one layer:
+        pool = ["w4g128", "w4g64_sym", "w4", "w4g32", "w4g128_sym"]  # groups >= 128: fragment order; < 128: v1
+        return [pool[e % 5] for e in range(experts)], [pool[(e + 2) % 5] for e in range(experts)]
     if name == "all":
         n = len(KNOWN_SCHEMES)
         return [KNOWN_SCHEMES[e % n] for e in range(experts)], [KNOWN_SCHEMES[(e + 5) % n] for e in range(experts)]
@@ -207,8 +207,8 @@ def _all_int4(w) -> bool:
 
 
 def _csrc_reads(w) -> bool:
-    """The csrc/ kernel's layout: 4-bit weight-only blocks in format-v1 order (none in fragment order)."""
-    return _all_int4(w) and not any(is_fragment_ordered(s, w.k) for s in w.schemes)
+    """The csrc/ kernel takes every 4-bit weight-only block (format-v1 or fragment order)."""
+    return _all_int4(w)
 
 
 def variants(tokens: int, topk: int, w13, w2) -> dict[str, tuple]:
@@ -222,7 +222,7 @@ def variants(tokens: int, topk: int, w13, w2) -> dict[str, tuple]:
     if c1.block_m <= 16:  # decode
         if c1.split_k > 1 or c2.split_k > 1:
             out["asm_nosplit"] = (replace(c1, split_k=1, dequant=2), replace(c2, split_k=1, dequant=2), {})
-        if _csrc_reads(w13) and _csrc_reads(w2) and DEVICE == "cuda":
+        if _csrc_reads(w13) and _csrc_reads(w2) and DEVICE == "cuda" and csrc_ext.available():
             out["csrc"] = (c1, c2, {"use_csrc": True})
     if ALIGN_AB and tokens * topk <= align_mod.ONE_PROGRAM_MAX_SLOTS:
         out["align3"] = (c1, c2, {"align3": True})
@@ -484,9 +484,9 @@ def time_case(shape: str, assign: str, copies, tokens: int, variant: str, copy_t
                                                    out=down))
         else:
             gate_up = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x8)
+            g1_ms = bench(lambda: grouped_gemm(x, next(turn)[0], routing, cfg1, a_row_div=topk, a_fp8=x8, out=gate_up))
             act, act8 = silu_and_mul(gate_up, routing.slot_expert, DTYPE, needs_fp8_activations(w2))
             down = grouped_gemm(act, w2, routing, cfg2, a_fp8=act8, routed_weights=tw.reshape(-1))
-            g1_ms = bench(lambda: grouped_gemm(x, next(turn)[0], routing, cfg1, a_row_div=topk, a_fp8=x8, out=gate_up))
             g2_ms = bench(lambda: grouped_gemm(act, next(turn)[1], routing, cfg2, a_fp8=act8,
                                                routed_weights=tw.reshape(-1), out=down))
 
@@ -738,11 +738,13 @@ def main():
              f"layer 'all' = every known scheme mixed, 'int4mix' = the 4-bit weight-only schemes")
         emit(f"{'shape':22} {'layer':8} {'mode':9} {'tokens':>6} {'rel err':>9} {'unwritten':>9}  ok")
         for shape in SHAPES:
-            for m in modes:
-                label = "int4mix" if m == "csrc" else "all"
+            # Besides 'all' (every scheme), the weight-only 3.25-bit mix the benchmarks time, at decode sizes.
+            checks = [(m, "int4mix" if m == "csrc" else "all") for m in modes]
+            checks += [("default", "mixed3.25")] if "default" in modes else []
+            for m, label in checks:
                 try:
                     layers = make_layer(shape, label)
-                    toks = (1, 3, 16, 40) if m == "csrc" else None
+                    toks = (1, 3, 16, 40) if label != "all" else None
                     for r in check_correctness(shape, layers, m, toks, label):
                         results["check"].append(r)
                         emit(f"{r['shape']:22} {label:8} {m:9} {r['tokens']:6d} {r['rel_err']:9.2e} "

@@ -2,8 +2,12 @@
 // scheme with a group that is a multiple of 32), for decode: few rows per expert.
 //
 // Same inputs as the Triton grouped GEMM (vllm_mxmoe/kernels/grouped_gemm.py): the
-// flat per-layer buffers of kernels/layout.py (format v1 packing: word j of a row holds
-// elements 8j..8j+7, element i at bits 4i; fp16 scales and zero points [N, K/group]),
+// flat per-layer buffers of kernels/layout.py, fp16 scales and zero points [N, K/group], and
+// either packing of 4-bit codes, per expert (meta flag 8):
+//   format v1: word j of a row holds elements 8j..8j+7, element i at bits 4i;
+//   fragment order (layout._fragment_slots; w4g128 and per-channel w4): in each 128-element
+//     chunk, the 16 bytes of lane chunk c (words 4c..4c+3) hold the elements whose bits 1-2
+//     are c; word j, nibbles f and f + 4 are elements 2c + 8f + 32j and the one after it;
 // and the routing of kernels/align.py (sorted_ids padded per expert to block_m rows,
 // block_expert, num_blocks on the device). No host sync; CUDA-graph capturable.
 //
@@ -65,6 +69,7 @@ constexpr int kRowsPerWarp = 4;
 constexpr int kWarps = 8;
 constexpr int kRowsPerCta = kRowsPerWarp * kWarps;
 constexpr int kMaxBlockM = 64;
+constexpr int kFlagFragment = 8;  // layout.FLAG_FRAGMENT
 
 struct Args {
   const void* a;
@@ -83,7 +88,7 @@ struct Args {
 
 // TOK rows (tokens of this expert) at a time; rows past the valid count repeat the last one
 // and are not stored.
-template <typename T, int TOK>
+template <typename T, int TOK, bool FRAG>
 __device__ __forceinline__ void process(const Args& p, const int* slots, int t0, int nvalid, int64_t w_off,
                                         int64_t s_off, int64_t z_off, bool has_zero, int group) {
   using Tr = Traits<T>;
@@ -124,6 +129,33 @@ __device__ __forceinline__ void process(const Args& p, const int* slots, int t0,
     for (int t = 0; t < TOK; ++t)
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) part[t][r] = 0.f;
+    if constexpr (FRAG) {
+      // word w, nibble pair (f, f + 4) <-> elements k0 = base + 8f + 32w and k0 + 1: one 4-byte load each
+      const int base = (c >> 2) * 128 + 2 * (c & 3);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        float2 af[TOK][4];
+#pragma unroll
+        for (int t = 0; t < TOK; ++t)
+#pragma unroll
+          for (int f = 0; f < 4; ++f)
+            af[t][f] = Tr::to_f2(*reinterpret_cast<const uint32_t*>(arow[t] + base + 8 * f + 32 * w));
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const uint32_t word = w == 0 ? wq[r].x : w == 1 ? wq[r].y : w == 2 ? wq[r].z : wq[r].w;
+#pragma unroll
+          for (int f = 0; f < 4; ++f) {
+            const uint32_t v = ((word >> (4 * f)) & 0x000f000fu) | Tr::kMagic;
+            const float2 q = Tr::to_f2(Tr::sub(v, zpair[r]));
+#pragma unroll
+            for (int t = 0; t < TOK; ++t) {
+              part[t][r] = fmaf(af[t][f].x, q.x, part[t][r]);
+              part[t][r] = fmaf(af[t][f].y, q.y, part[t][r]);
+            }
+          }
+        }
+      }
+    } else {
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       // 8 activations k = 32c + 8w .. +7 per token, as floats
@@ -154,6 +186,7 @@ __device__ __forceinline__ void process(const Args& p, const int* slots, int t0,
           }
         }
       }
+    }
     }
 #pragma unroll
     for (int t = 0; t < TOK; ++t)
@@ -202,8 +235,13 @@ __global__ void __launch_bounds__(kWarps * 32, 2) w4_gemv_kernel(Args p) {
   for (int i = 0; i < p.block_m; ++i) nvalid += slots[i] < p.num_slots;
 
   int t0 = 0;  // (4 tokens at a time spilled registers under the 128-register cap)
-  for (; nvalid - t0 >= 2; t0 += 2) process<T, 2>(p, slots, t0, nvalid, w_off, s_off, z_off, has_zero, group);
-  if (nvalid - t0 >= 1) process<T, 1>(p, slots, t0, nvalid, w_off, s_off, z_off, has_zero, group);
+  if (m[2] & kFlagFragment) {
+    for (; nvalid - t0 >= 2; t0 += 2) process<T, 2, true>(p, slots, t0, nvalid, w_off, s_off, z_off, has_zero, group);
+    if (nvalid - t0 >= 1) process<T, 1, true>(p, slots, t0, nvalid, w_off, s_off, z_off, has_zero, group);
+  } else {
+    for (; nvalid - t0 >= 2; t0 += 2) process<T, 2, false>(p, slots, t0, nvalid, w_off, s_off, z_off, has_zero, group);
+    if (nvalid - t0 >= 1) process<T, 1, false>(p, slots, t0, nvalid, w_off, s_off, z_off, has_zero, group);
+  }
 }
 
 }  // namespace

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import subprocess
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -544,11 +546,14 @@ def test_config_selection():
     assert select_gemm_config(16, 8, 128, 2048, 768, [128], sms=132, int4_only=True).k_unroll == 1
     assert select_gemm_config(8192, 8, 128, 1536, 2048, [128], int4_only=True).k_unroll == 1
     # All-4-bit GEMMs aim at fewer programs per SM, so their programs stay long enough for that loop:
-    # Mixtral-8x7b at 1 token runs gate_up unsplit (32 tiles, unrolled) and splits down 5 ways, not 8.
-    mixtral_gate_up = select_gemm_config(1, 2, 8, 28672, 4096, [128], sms=132, int4_only=True)
-    assert (mixtral_gate_up.split_k, mixtral_gate_up.k_unroll) == (1, 2)
-    mixtral_down = select_gemm_config(1, 2, 8, 4096, 14336, [128], sms=132, int4_only=True)
-    assert (mixtral_down.split_k, mixtral_down.k_unroll) == (5, 2)
+    # Mixtral-8x7b runs gate_up unsplit (32 tiles, unrolled), and its down (112 K tiles) splits into programs
+    # of at most INT4_MAX_K_TILES_PER_PROGRAM tiles, 4 ways at any decode token count, not the count rule's
+    # 5 at 1 token or 2 at 4-16 tokens; a mixed layer's down keeps the count rule (8 ways at 1 token).
+    for tokens in (1, 2, 4, 16):
+        mixtral_gate_up = select_gemm_config(tokens, 2, 8, 28672, 4096, [128], sms=132, int4_only=True)
+        assert (mixtral_gate_up.split_k, mixtral_gate_up.k_unroll) == (1, 2), tokens
+        mixtral_down = select_gemm_config(tokens, 2, 8, 4096, 14336, [128], sms=132, int4_only=True)
+        assert (mixtral_down.split_k, mixtral_down.k_unroll) == (4, 2), tokens
     assert select_gemm_config(1, 2, 8, 4096, 14336, [128], sms=132).split_k == 8
 
 
@@ -644,6 +649,38 @@ def test_csrc_ext_unbuilt_is_inert():
     err = _run_layer(1, 2, ["w4g128", "w4g128_sym", "w4", "w4g128"], ["w4", "w4g128", "w4g128_sym", "w4g128"],
                      128, 128, seed=6)
     assert err < WEIGHT_ONLY_TOL, err
+
+
+def test_csrc_fragment_indexing_matches_layout():
+    """csrc/w4_gemv.cu reads a fragment-ordered 4-bit block as: 32-element lane chunk c, word w, nibbles f and
+    f + 4 hold elements (c // 4) * 128 + 2 (c % 4) + 8 f + 32 w and the one after it. The packing is
+    layout._fragment_slots; if it changes, the CUDA kernel must change with it."""
+    k = 384
+    codes = torch.randint(0, 16, (5, k), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    v1 = pack(codes, 4)  # format v1: element 8j + i of a row in nibble i of word j
+    frag = to_kernel_order(parse_scheme("w4g128"), v1)
+    assert not torch.equal(frag, v1)
+    for c in range(k // 32):
+        for w in range(4):
+            word = frag[:, 4 * c + w]
+            for f in range(4):
+                k0 = (c // 4) * 128 + 2 * (c % 4) + 8 * f + 32 * w
+                assert torch.equal((word >> (4 * f)) & 15, codes[:, k0]), (c, w, f)
+                assert torch.equal((word >> (4 * f + 16)) & 15, codes[:, k0 + 1]), (c, w, f)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_csrc_kernel_compiles_without_spills(tmp_path):
+    """The CUDA source builds for sm_90 (the extension itself needs a CUDA torch, so only the kernel file),
+    and ptxas keeps every variant in registers (the launch bounds cap them at 128)."""
+    from vllm_mxmoe.kernels import csrc_ext
+
+    cmd = ["nvcc", "-c", "-O3", "-std=c++17", "-arch=sm_90", "-Xptxas", "-v",
+           str(csrc_ext.CSRC_DIR / "w4_gemv.cu"), "-o", str(tmp_path / "w4_gemv.o")]
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reports = [line for line in run.stderr.splitlines() if "spill" in line]
+    assert reports and all("0 bytes spill stores, 0 bytes spill loads" in line for line in reports), reports
 
 
 # The GPU check of csrc/ against the torch reference is benchmarks/kernel_check.py's 'csrc' mode

@@ -97,6 +97,13 @@ MIXED_PROGRAMS_PER_SM = 12
 # 3-bit tiles (96 registers already) do not repay.
 UNROLL_MIN_K_TILES = 16
 UNROLLED_DECODE = {"k_unroll": 2, "num_stages": 3}
+# All-4-bit decode GEMMs with long K split until a program takes at most this many K tiles, whatever the
+# program count says. Measured on an H200 (decode_probe.py --overrides, session 14, uniform and Zipf s=1
+# routing): Mixtral-8x7b's down (112 K tiles) at split 4 took 0.83-0.84x the time of the count rule's split 5
+# at 1 token, 0.90-0.93x its split 3 at 2 tokens, 0.90-0.91x its split 2 at 4 tokens and 0.97-1.01x at 16;
+# its gate_up (32 K tiles) is fastest unsplit. The count rule's 5 overfills one wave of resident programs
+# (4 per SM), and its 2-3 leave programs of 37-56 tiles.
+INT4_MAX_K_TILES_PER_PROGRAM = 32
 MIN_K_STEPS_PER_SPLIT = 5
 # MoE GEMMs want at least 5.5 K tiles per program on average: K = 2048 (16 tiles) then splits at most 2 ways, not
 # 3, while 11 tiles (K = 1408) still split 2 ways, which their down GEMMs at 1 token need (unsplit: 1.14-1.20x
@@ -209,8 +216,12 @@ def select_gemm_config(
     sms = sms or num_sms(device)
     int4_decode = int4_only and cfg.swap_ab  # the tiles that may take the two-tile loop
     per_sm = INT4_PROGRAMS_PER_SM if int4_decode else PROGRAMS_PER_SM if fp8_only else MIXED_PROGRAMS_PER_SM
-    cfg = replace(cfg, split_k=fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms, per_sm))
-    if int4_decode and k // cfg.block_k // cfg.split_k >= UNROLL_MIN_K_TILES:
+    split_k = fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms, per_sm)
+    k_tiles = k // cfg.block_k
+    if int4_decode and k_tiles > INT4_MAX_K_TILES_PER_PROGRAM:
+        split_k = min(MAX_SPLIT_K, math.ceil(k_tiles / INT4_MAX_K_TILES_PER_PROGRAM))
+    cfg = replace(cfg, split_k=split_k)
+    if int4_decode and k_tiles // cfg.split_k >= UNROLL_MIN_K_TILES:
         cfg = replace(cfg, **UNROLLED_DECODE)
     return cfg
 

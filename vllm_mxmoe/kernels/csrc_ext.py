@@ -6,10 +6,11 @@ Built only on request, through torch.utils.cpp_extension.load (nvcc, about a min
     csrc_ext.build()            # or MXMOE_CSRC_BUILD=1 in the environment, see enabled()
 
 and used only when built. ``fused_moe.mxmoe_fused_experts`` routes a GEMM to it
-when ``use_csrc`` (default: ``enabled()``) holds and ``supports()`` says the
-GEMM fits: every expert 4-bit weight-only, decode tiles (BLOCK_M <= 16).
-The Triton kernels stay the default everywhere else; see benchmarks/KERNEL_NOTES.md
-for where it was measured faster.
+when ``use_csrc`` (default: ``enabled()``, off unless MXMOE_CSRC=1) holds and ``supports()``
+says the GEMM fits: every expert 4-bit weight-only (w4g128 and per-channel w4 in fragment
+order, smaller groups in format-v1 order), decode tiles (BLOCK_M <= 16). It is a fallback,
+not a fast path: on the H200 the Triton decode kernel is faster at every size measured
+(benchmarks/KERNEL_NOTES.md, version 14).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .align import AlignedRouting
-from .layout import ExpertGemmWeights, is_fragment_ordered
+from .layout import ExpertGemmWeights
 
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("w4_gemv.cu", "binding.cpp")
@@ -76,11 +77,12 @@ def build_error() -> str | None:
     return _build_error
 
 
-# Used by default (use_csrc=None) where KERNEL_NOTES.md measured it faster: H200, qwen3 shape,
-# 1 token 27.9 vs 39.4 us per layer; 16 tokens (Zipf: hot experts get many rows) 204 vs 125 us.
-# That was against Triton reading format-v1 order; group-128 blocks are now in fragment order,
-# which this kernel does not read, and Triton takes 26.7-29.5 us there (KERNEL_NOTES.md version 5).
-CSRC_DEFAULT = True
+# Off by default: the Triton decode path is faster wherever both were timed. H200, session 14 (KERNEL_NOTES.md
+# version 14), w4g128 layers in fragment order, Zipf routing, 1 token: 28.7 vs 22.5 us per layer (qwen3 shape),
+# 26.5 vs 22.7 (qwen1.5), 31.9 vs 26.4 (deepseek), 118.7 vs 93.2 (mixtral); 1.3-4.5x slower at 2-16 tokens.
+# (Session 3 measured it faster at 1 token, 27.9 vs 39.4 us, against the Triton kernel of that day.)
+# MXMOE_CSRC=1 (with a build) turns it on for batches of <= DEFAULT_MAX_TOKENS tokens.
+CSRC_DEFAULT = False
 DEFAULT_MAX_TOKENS = 1
 
 
@@ -93,15 +95,14 @@ def enabled() -> bool:
 
 
 def supports(weights: ExpertGemmWeights, a: torch.Tensor, block_m: int) -> bool:
-    """The kernel handles this GEMM: all experts int4 weight-only in format-v1 order (not fragment order:
-    layout.is_fragment_ordered), K % 32 == 0, decode tiles, aligned A."""
+    """The kernel handles this GEMM: all experts int4 weight-only (format-v1 or fragment order), K % 32 == 0,
+    decode tiles, aligned A."""
     if _ext is None or block_m > MAX_BLOCK_M or weights.k % 32 or a.dtype not in (torch.float16, torch.bfloat16):
         return False
     if a.stride(-1) != 1 or a.stride(0) % 8 or a.data_ptr() % 16:
         return False
     return all(
         s.bits == 4 and s.act != "fp8" and not s.weight_is_fp8 and s.group(weights.k) % 32 == 0
-        and not is_fragment_ordered(s, weights.k)
         for s in weights.schemes
     )
 
