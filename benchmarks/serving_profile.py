@@ -59,9 +59,10 @@ def expert_gemm_launches(kernels: list[dict]) -> list[tuple[str, float]]:
 
 
 def idle_gaps(kernels: list[dict], top: int = 8) -> dict:
-    """Where the GPU ran none of ``kernels`` (kernel_events) during the profiled batch: span, busy time and the
-    longest gaps (us), with the kernels on either side. Tells host-side stalls (compiles, syncs, Python) from
-    slow kernels."""
+    """Where the GPU ran none of ``kernels`` (kernel_events) during the profiled batch: span, busy time, the
+    longest gaps (us) with the kernels on either side, and the idle time summed per (kernel before, kernel after)
+    pair, largest first: many short gaps at one place in the step add up there. Tells host-side stalls
+    (compiles, syncs, Python, the engine's step loop) from slow kernels."""
     if not kernels:
         return {}
     start, busy, end, gaps, before = kernels[0]["ts"], 0.0, kernels[0]["ts"], [], None
@@ -71,11 +72,18 @@ def idle_gaps(kernels: list[dict], top: int = 8) -> dict:
         busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
         end, before = max(end, e["ts"] + e["dur"]), e["name"][:60]
     gaps.sort(reverse=True)
+    by_pair: dict[tuple, list] = {}
+    for us, _, after, before_next in gaps:
+        total = by_pair.setdefault((after, before_next), [0.0, 0])
+        total[0] += us
+        total[1] += 1
+    pairs = sorted(by_pair.items(), key=lambda kv: -kv[1][0])
     return {
         "span_us": end - start,
         "busy_us": busy,
         "idle_us": sum(g[0] for g in gaps),
         "longest": [dict(us=g[0], at_us=g[1], after=g[2], before=g[3]) for g in gaps[:top]],
+        "by_pair": [dict(us=us, count=n, after=a, before=b) for (a, b), (us, n) in pairs[:top]],
     }
 
 
@@ -123,6 +131,9 @@ def profile_variant(
                 )
                 busy = f"GPU busy {gaps['busy_us'] / 1e3:.1f} of {gaps['span_us'] / 1e3:.1f} ms"
                 print(f"# {name}: {busy}; longest idle {longest}", flush=True)
+                for p in gaps["by_pair"][:5]:
+                    print(f"#   idle {p['us'] / 1e3:.2f} ms in {p['count']} gaps: {p['after']} -> {p['before']}",
+                          flush=True)
 
 
 def record_routing(

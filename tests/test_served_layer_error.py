@@ -49,6 +49,10 @@ def test_idle_gaps_count_only_time_without_any_kernel():
     gaps = idle_gaps(kernel_events({"traceEvents": events}))
     assert (gaps["span_us"], gaps["busy_us"], gaps["idle_us"]) == (50, 24, 26)
     assert gaps["longest"][0] == dict(us=25, at_us=15, after="b", before="c")
+    assert gaps["by_pair"] == [dict(us=25, count=1, after="b", before="c"), dict(us=1, count=1, after="c", before="d")]
+    repeated = [dict(cat="kernel", name="ab"[i % 2], ts=10 * i, dur=4 + 3 * (i % 2)) for i in range(6)]
+    pairs = idle_gaps(kernel_events({"traceEvents": repeated}))["by_pair"]  # a->b gaps 6 us, b->a gaps 3 us
+    assert pairs == [dict(us=18, count=3, after="a", before="b"), dict(us=6, count=2, after="b", before="a")]
     assert idle_gaps(kernel_events({"traceEvents": []})) == {}
 
 

@@ -42,6 +42,7 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
         self.checkpoint = checkpoint
         self.layer_schemes = schemes
         self.prefix = prefix
+        self._gemm_weights_cache: tuple | None = None  # gemm_weights(): (where the tensors are, the weights)
 
     # -- weights -----------------------------------------------------------
 
@@ -98,19 +99,24 @@ class MxMoEFusedMoEMethod(compat.FusedMoEMethodBase):
         )
 
     def gemm_weights(self, layer: torch.nn.Module) -> tuple[ExpertGemmWeights, ExpertGemmWeights]:
-        """The two GEMMs' weights, as views of the layer's (possibly moved) parameters."""
+        """The two GEMMs' weights, as views of the layer's (possibly moved) parameters. Kept (on this method
+        object: one per layer) while those tensors stay where they are, so an eager forward (prefill chunks
+        beyond the CUDA graphs) reuses what ExpertGemmWeights derives from the scheme mix."""
+        tensors = (layer.w13_weight_packed.data, layer.w13_weight_scale.data, layer.w13_weight_zero_point.data,
+                   layer.w13_mxmoe_meta, layer.w2_weight_packed.data, layer.w2_weight_scale.data,
+                   layer.w2_weight_zero_point.data, layer.w2_mxmoe_meta)  # fmt: skip
+        key = tuple((t.device, t.data_ptr(), t.shape) for t in tensors)
+        cached = self._gemm_weights_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
         gate_up, down = layer.mxmoe_schemes
         hidden, inter = layer.mxmoe_dims
-        return (
-            ExpertGemmWeights(
-                2 * inter, hidden, gate_up, layer.w13_weight_packed.data, layer.w13_weight_scale.data,
-                layer.w13_weight_zero_point.data, layer.w13_mxmoe_meta,
-            ),
-            ExpertGemmWeights(
-                hidden, inter, down, layer.w2_weight_packed.data, layer.w2_weight_scale.data,
-                layer.w2_weight_zero_point.data, layer.w2_mxmoe_meta,
-            ),
-        )  # fmt: skip
+        weights = (
+            ExpertGemmWeights(2 * inter, hidden, gate_up, *tensors[:4]),
+            ExpertGemmWeights(hidden, inter, down, *tensors[4:]),
+        )
+        self._gemm_weights_cache = (key, weights)
+        return weights
 
     def _make_loader(self, layer: torch.nn.Module):
         def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):

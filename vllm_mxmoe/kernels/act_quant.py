@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..format import FP8_DTYPE
-from .configs import interpreting
+from .configs import interpreting, next_pow2
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scale = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
         _fp8_per_token_kernel[(rows,)](
-            x, q, scale, cols, x.stride(0), q.stride(0), BLOCK=min(4096, triton.next_power_of_2(cols)),
+            x, q, scale, cols, x.stride(0), q.stride(0), BLOCK=min(4096, next_pow2(cols)),
             HW_CAST=not interpreting(),
         )
     return q, scale
@@ -139,7 +139,7 @@ def silu_and_mul(
         q = torch.empty(rows, inter, dtype=FP8_DTYPE, device=gate_up.device)
         scale = torch.empty(rows, dtype=torch.float32, device=gate_up.device)
         fp8 = (q, scale)
-    block = min(2048, triton.next_power_of_2(inter))
+    block = min(2048, next_pow2(inter))
     one_block = block >= inter
     if rows:
         _silu_and_mul_kernel[(rows,)](

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import cdiv, next_pow2
+
 
 @dataclass
 class AlignedRouting:
@@ -51,7 +53,7 @@ class AlignedRouting:
 def max_padded_rows(num_slots: int, num_experts: int, block_m: int) -> int:
     """Bound on the padded row count: at most min(E, slots) experts are busy, each wasting < BLOCK_M rows."""
     rows = num_slots + min(num_experts, num_slots) * (block_m - 1)
-    return triton.cdiv(max(rows, 1), block_m) * block_m
+    return cdiv(max(rows, 1), block_m) * block_m
 
 
 @triton.jit
@@ -190,11 +192,11 @@ BLOCKS_PER_PROGRAM = 32
 
 def _expert_blocks(num_slots: int, block_m: int) -> int:
     """Power of two >= the M-blocks one expert can hold (all slots its own)."""
-    return triton.next_power_of_2(triton.cdiv(triton.next_power_of_2(max(num_slots, 1)), block_m))
+    return next_pow2(cdiv(next_pow2(max(num_slots, 1)), block_m))
 
 
 def uses_one_program(num_slots: int, num_experts: int, block_m: int) -> bool:
-    cells = triton.next_power_of_2(num_experts) * _expert_blocks(num_slots, block_m)
+    cells = next_pow2(num_experts) * _expert_blocks(num_slots, block_m)
     return num_slots <= ONE_PROGRAM_MAX_SLOTS and cells <= ONE_PROGRAM_MAX_CELLS
 
 
@@ -218,8 +220,8 @@ def align_routing(
     sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_rows // block_m, dtype=torch.int32, device=device)
     num_blocks = torch.empty(1, dtype=torch.int32, device=device)
-    e_pow2 = triton.next_power_of_2(num_experts)
-    s_pow2 = triton.next_power_of_2(max(num_slots, 1))
+    e_pow2 = next_pow2(num_experts)
+    s_pow2 = next_pow2(max(num_slots, 1))
 
     if one_program is None:
         one_program = uses_one_program(num_slots, num_experts, block_m)
@@ -235,7 +237,7 @@ def align_routing(
         )
         return AlignedRouting(sorted_ids, block_expert, num_blocks, slot_expert[:num_slots], num_slots, block_m)
 
-    programs = triton.cdiv(max(num_slots, 1), SLOTS_PER_PROGRAM)
+    programs = cdiv(max(num_slots, 1), SLOTS_PER_PROGRAM)
     # One memset for the expert totals and every program's cursors.
     zeroed = torch.zeros(num_experts + programs * e_pow2, dtype=torch.int32, device=device)
     counts, cursors = zeroed[:num_experts], zeroed[num_experts:]
@@ -245,7 +247,7 @@ def align_routing(
         ids, emap, counts, cursors, rank, slot_expert, num_slots,
         HAS_EXPERT_MAP=expert_map is not None, BLOCK=SLOTS_PER_PROGRAM, E_POW2=e_pow2,
     )
-    _block_map_kernel[(triton.cdiv(block_expert.numel(), BLOCKS_PER_PROGRAM),)](
+    _block_map_kernel[(cdiv(block_expert.numel(), BLOCKS_PER_PROGRAM),)](
         counts, expert_start, sorted_ids, block_expert, num_blocks,
         num_experts, num_slots, block_expert.numel(),
         BLOCK_M=block_m, E_POW2=e_pow2, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,

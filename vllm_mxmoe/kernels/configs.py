@@ -11,6 +11,7 @@ warps, stages and split-K may differ between the two GEMMs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -155,6 +156,17 @@ ASM_MAX_BLOCK_M = 16  # the tiles it was measured on (<= 256 tokens on qwen3-30b
 LOW_BIT_ASM_MAX_BLOCK_M = 64
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. (triton.cdiv and triton.next_power_of_2 are constexpr functions in newer triton,
+    a few microseconds per Python call, and an eager MoE forward makes about fifteen such calls per layer.)"""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), on the host."""
+    return 1 << (n - 1).bit_length()
+
+
 def expected_rows_per_expert(num_tokens: int, topk: int, num_experts: int) -> float:
     return num_tokens * topk / max(num_experts, 1)
 
@@ -236,8 +248,9 @@ class GemmKey(NamedTuple):
     int4_only: bool = False  # every block is 4-bit weight-only in fragment order
 
 
+@functools.lru_cache(maxsize=4096)
 def config_for_key(key: GemmKey, num_tokens: int, topk: int, num_experts: int, device=None,
                    sms: int | None = None) -> GemmConfig:
-    """select_gemm_config for the GEMM ``key`` describes."""
+    """select_gemm_config for the GEMM ``key`` describes (memoised: eager forwards ask for it per layer)."""
     return select_gemm_config(num_tokens, topk, num_experts, key.n, key.k, key.groups, device, sms=sms,
                               fp8_only=key.fp8_only, int4_only=key.int4_only)

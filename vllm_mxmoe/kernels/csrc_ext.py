@@ -103,7 +103,7 @@ def supports(weights: ExpertGemmWeights, a: torch.Tensor, block_m: int) -> bool:
         return False
     return all(
         s.bits == 4 and s.act != "fp8" and not s.weight_is_fp8 and s.group(weights.k) % 32 == 0
-        for s in weights.schemes
+        for s in weights.distinct_schemes
     )
 
 

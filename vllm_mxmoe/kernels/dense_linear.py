@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import quantize_fp8_per_token
-from .configs import TILE_TABLE, GemmConfig, fit_block_k, num_sms, split_for_programs
+from .configs import TILE_TABLE, GemmConfig, cdiv, fit_block_k, next_pow2, num_sms, split_for_programs
 from .grouped_gemm import (
     _F_ZERO,
     _M_FLAGS,
@@ -62,7 +62,7 @@ def linear_config(num_rows: int, n: int, k: int, groups: Sequence[int], sms: int
     that the row blocks x N-blocks x splits fill ``sms`` SMs."""
     cfg = next((c for bound, c in LINEAR_TILES if num_rows <= bound), LINEAR_TILES[-1][1])
     cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, groups))
-    programs = triton.cdiv(max(num_rows, 1), cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    programs = cdiv(max(num_rows, 1), cfg.block_m) * cdiv(n, cfg.block_n)
     return replace(cfg, split_k=split_for_programs(cfg, programs, k, sms))
 
 
@@ -134,7 +134,7 @@ def dequantize_weight(weights: ExpertGemmWeights, dtype: torch.dtype) -> torch.T
     n, k = weights.n, weights.k
     block_n, block_k = 64, fit_block_k(128, k, weights.group_sizes())
     out = torch.empty(n, k, dtype=dtype, device=weights.qweight.device)
-    _dequantize_kernel[(triton.cdiv(n, block_n), k // block_k)](
+    _dequantize_kernel[(cdiv(n, block_n), k // block_k)](
         weights.qweight, weights.scales, weights.zeros, weights.meta, out, n, k,
         BITS=scheme.bits, FRAGMENT=is_fragment_ordered(scheme, k), BLOCK_N=block_n, BLOCK_K=block_k,
     )
@@ -173,8 +173,8 @@ def quantized_linear(
     if cfg.split_k == 1 and bias is None:
         return part[0].view(*lead, n)
     out = torch.empty(rows, n, dtype=x2.dtype, device=x2.device)
-    block_n = min(1024, triton.next_power_of_2(n))
-    _sum_splits_kernel[(rows, triton.cdiv(n, block_n))](
+    block_n = min(1024, next_pow2(n))
+    _sum_splits_kernel[(rows, cdiv(n, block_n))](
         part, bias if bias is not None else part, out, n, rows * n,
         SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, BLOCK_N=block_n,
     )

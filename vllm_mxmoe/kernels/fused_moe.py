@@ -17,7 +17,7 @@ import triton.language as tl
 from . import csrc_ext
 from .act_quant import quantize_fp8_per_token, silu_and_mul
 from .align import align_routing
-from .configs import GemmConfig, GemmKey, config_for_key
+from .configs import GemmConfig, GemmKey, cdiv, config_for_key, next_pow2
 from .grouped_gemm import all_int4_fragment, all_w8a8fp8, grouped_gemm, needs_fp8_activations
 from .layout import ExpertGemmWeights
 
@@ -46,8 +46,8 @@ def moe_sum(partials: torch.Tensor, slot_expert: torch.Tensor, topk: int, out: t
     splits, slots, n = partials.shape
     tokens = slots // topk
     if tokens:
-        block_n = min(1024, triton.next_power_of_2(n))
-        _moe_sum_kernel[(tokens, triton.cdiv(n, block_n))](
+        block_n = min(1024, next_pow2(n))
+        _moe_sum_kernel[(tokens, cdiv(n, block_n))](
             partials, slot_expert, out, n, slots * n, TOPK=topk, SPLIT_K=splits, BLOCK_N=block_n
         )
     return out
@@ -118,7 +118,7 @@ def mxmoe_fused_experts(
     else:
         gate_up = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x_fp8)
     act, act_fp8 = silu_and_mul(gate_up, routing.slot_expert, x.dtype, quantize_fp8=needs_fp8_activations(w2),
-                                store_act=any(s.act != "fp8" for s in w2.schemes))
+                                store_act=any(s.act != "fp8" for s in w2.distinct_schemes))
     flat_weights = topk_weights.reshape(-1)
     if use_csrc and csrc_ext.supports(w2, act, cfg2.block_m):
         down = csrc_ext.w4_gemv(act, w2, routing, routed_weights=flat_weights)

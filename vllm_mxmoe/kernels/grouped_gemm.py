@@ -44,7 +44,7 @@ import triton.language as tl
 from ..format import FP8_DTYPE
 from ..schemes import Scheme
 from .align import AlignedRouting
-from .configs import GemmConfig, interpreting, resolve_dequant
+from .configs import GemmConfig, cdiv, interpreting, resolve_dequant
 from .layout import (
     BITS,
     FLAG_FP8_ACT,
@@ -90,23 +90,23 @@ def scheme_kind(scheme: Scheme, k: int) -> int:
 
 def layer_kinds(weights: ExpertGemmWeights) -> int:
     mask = 0
-    for scheme in weights.schemes:
+    for scheme in weights.distinct_schemes:
         mask |= scheme_kind(scheme, weights.k)
     return mask
 
 
 def needs_fp8_activations(weights: ExpertGemmWeights) -> bool:
-    return any(s.act == "fp8" for s in weights.schemes)
+    return any(s.act == "fp8" for s in weights.distinct_schemes)
 
 
 def all_w8a8fp8(weights: ExpertGemmWeights) -> bool:
     """Every block runs on fp8 tensor cores with nothing to dequantize (configs.FP8_PREFILL_CONFIG)."""
-    return all(s.act == "fp8" and s.weight_is_fp8 for s in weights.schemes)
+    return all(s.act == "fp8" and s.weight_is_fp8 for s in weights.distinct_schemes)
 
 
 def all_int4_fragment(weights: ExpertGemmWeights) -> bool:
     """Every block is 4-bit weight-only in fragment order (configs.UNROLLED_DECODE)."""
-    return all(s.bits == 4 and is_fragment_ordered(s, weights.k) for s in weights.schemes)
+    return all(s.bits == 4 and is_fragment_ordered(s, weights.k) for s in weights.distinct_schemes)
 
 
 # ---------------------------------------------------------------------------
@@ -1092,7 +1092,7 @@ def grouped_gemm(
     if routing.block_m != config.block_m:
         raise ValueError(f"grouped_gemm: routing was aligned to BLOCK_M={routing.block_m}, config says {config.block_m}")
     out = _checked_output(a, weights, config, routing.num_slots, a_fp8, out)
-    grid = (routing.max_blocks, triton.cdiv(weights.n, config.block_n), config.split_k)
+    grid = (routing.max_blocks, cdiv(weights.n, config.block_n), config.split_k)
     launch = _Launch(grid, a, weights, out, config, a_fp8, routed_weights, routing.sorted_ids, routing.block_expert,
                      routing.num_blocks, routing.num_slots, a_row_div, dense=False)
     _run_with_fallback(launch)
@@ -1115,7 +1115,7 @@ def dense_gemm(
     rows = a.shape[0]
     out = _checked_output(a, weights, config, rows, a_fp8, out)
     if rows:
-        grid = (triton.cdiv(rows, config.block_m), triton.cdiv(weights.n, config.block_n), config.split_k)
+        grid = (cdiv(rows, config.block_m), cdiv(weights.n, config.block_n), config.split_k)
         meta = weights.meta  # stands in for the routing pointers the dense kernel never reads
         _run_with_fallback(_Launch(grid, a, weights, out, config, a_fp8, None, meta, meta, meta, rows, 1, dense=True))
     return out
@@ -1125,7 +1125,7 @@ def _checked_output(a, weights, config, num_slots, a_fp8, out):
     n, k = weights.n, weights.k
     if a.shape[-1] != k:
         raise ValueError(f"grouped_gemm: A has {a.shape[-1]} columns, weights expect K={k}")
-    if k % config.block_k or any(s.group(k) % config.block_k for s in weights.schemes):
+    if k % config.block_k or any(g % config.block_k for g in weights.group_sizes()):
         raise ValueError(f"grouped_gemm: BLOCK_K={config.block_k} must divide K={k} and every group size")
     if needs_fp8_activations(weights) and a_fp8 is None:
         raise ValueError("grouped_gemm: a scheme quantizes activations to fp8 but no a_fp8 was given")

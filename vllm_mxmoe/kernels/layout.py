@@ -20,6 +20,7 @@ in kernel order (``to_kernel_order``): the loaders convert on the way in and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -241,6 +242,13 @@ class ExpertGemmWeights:
     def num_experts(self) -> int:
         return len(self.schemes)
 
+    @cached_property
+    def distinct_schemes(self) -> tuple[Scheme, ...]:
+        """The layer's schemes, each once, in first-use order. Whatever depends on the scheme mix (kernel
+        specialisation, tile config) reads these: a handful instead of every expert, on every forward of an
+        eager step (the schemes are fixed when the layer is built)."""
+        return tuple(dict.fromkeys(self.schemes))
+
     @classmethod
     def allocate(cls, schemes: list[Scheme], n: int, k: int, device=None) -> "ExpertGemmWeights":
         rows, w_total, s_total, z_total = [], 0, 0, 0
@@ -262,7 +270,7 @@ class ExpertGemmWeights:
 
     def group_sizes(self) -> tuple[int, ...]:
         """The distinct quantization group sizes along K of the layer's schemes (per channel: K)."""
-        return tuple(sorted({s.group(self.k) for s in self.schemes}))
+        return tuple(sorted({s.group(self.k) for s in self.distinct_schemes}))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
