@@ -80,7 +80,7 @@ def build_error() -> str | None:
 # Off by default: the Triton decode path is faster wherever both were timed. H200, session 14 (KERNEL_NOTES.md
 # version 14), w4g128 layers in fragment order, Zipf routing, 1 token: 28.7 vs 22.5 us per layer (qwen3 shape),
 # 26.5 vs 22.7 (qwen1.5), 31.9 vs 26.4 (deepseek), 118.7 vs 93.2 (mixtral); 1.3-4.5x slower at 2-16 tokens.
-# (Session 3 measured it faster at 1 token, 27.9 vs 39.4 us, against the Triton kernel of that day.)
+# (It was faster at 1 token, 27.9 vs 39.4 us, against the Triton kernel of KERNEL_NOTES.md version 2.)
 # MXMOE_CSRC=1 (with a build) turns it on for batches of <= DEFAULT_MAX_TOKENS tokens.
 CSRC_DEFAULT = False
 DEFAULT_MAX_TOKENS = 1
