@@ -484,9 +484,9 @@ def time_case(shape: str, assign: str, copies, tokens: int, variant: str, copy_t
                                                    out=down))
         else:
             gate_up = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x8)
-            g1_ms = bench(lambda: grouped_gemm(x, next(turn)[0], routing, cfg1, a_row_div=topk, a_fp8=x8, out=gate_up))
             act, act8 = silu_and_mul(gate_up, routing.slot_expert, DTYPE, needs_fp8_activations(w2))
             down = grouped_gemm(act, w2, routing, cfg2, a_fp8=act8, routed_weights=tw.reshape(-1))
+            g1_ms = bench(lambda: grouped_gemm(x, next(turn)[0], routing, cfg1, a_row_div=topk, a_fp8=x8, out=gate_up))
             g2_ms = bench(lambda: grouped_gemm(act, next(turn)[1], routing, cfg2, a_fp8=act8,
                                                routed_weights=tw.reshape(-1), out=down))
 

@@ -86,6 +86,27 @@ struct Args {
   int64_t stride_am;
 };
 
+// The activations that meet word w of lane chunk c (32 K elements, 16 bytes of codes per row), as the pairs its
+// nibbles j and j + 4 decode into, for j = 0..3:
+//   format v1: elements 32c + 8w + j and 32c + 8w + j + 4 (one 16-byte load);
+//   fragment order: elements k0 = (c / 4) * 128 + 2 (c % 4) + 8j + 32w and k0 + 1 (a 4-byte load each).
+template <typename T, bool FRAG>
+__device__ __forceinline__ void pair_activations(const T* arow, int c, int w, float2 ap[4]) {
+  using Tr = Traits<T>;
+  if constexpr (FRAG) {
+    const T* a = arow + (c >> 2) * 128 + 2 * (c & 3) + 32 * w;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) ap[j] = Tr::to_f2(*reinterpret_cast<const uint32_t*>(a + 8 * j));
+  } else {
+    const uint4 av = *reinterpret_cast<const uint4*>(arow + c * 32 + w * 8);
+    const float2 e01 = Tr::to_f2(av.x), e23 = Tr::to_f2(av.y), e45 = Tr::to_f2(av.z), e67 = Tr::to_f2(av.w);
+    ap[0] = make_float2(e01.x, e45.x);
+    ap[1] = make_float2(e01.y, e45.y);
+    ap[2] = make_float2(e23.x, e67.x);
+    ap[3] = make_float2(e23.y, e67.y);
+  }
+}
+
 // TOK rows (tokens of this expert) at a time; rows past the valid count repeat the last one
 // and are not stored.
 template <typename T, int TOK, bool FRAG>
@@ -129,48 +150,12 @@ __device__ __forceinline__ void process(const Args& p, const int* slots, int t0,
     for (int t = 0; t < TOK; ++t)
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) part[t][r] = 0.f;
-    if constexpr (FRAG) {
-      // word w, nibble pair (f, f + 4) <-> elements k0 = base + 8f + 32w and k0 + 1: one 4-byte load each
-      const int base = (c >> 2) * 128 + 2 * (c & 3);
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        float2 af[TOK][4];
-#pragma unroll
-        for (int t = 0; t < TOK; ++t)
-#pragma unroll
-          for (int f = 0; f < 4; ++f)
-            af[t][f] = Tr::to_f2(*reinterpret_cast<const uint32_t*>(arow[t] + base + 8 * f + 32 * w));
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          const uint32_t word = w == 0 ? wq[r].x : w == 1 ? wq[r].y : w == 2 ? wq[r].z : wq[r].w;
-#pragma unroll
-          for (int f = 0; f < 4; ++f) {
-            const uint32_t v = ((word >> (4 * f)) & 0x000f000fu) | Tr::kMagic;
-            const float2 q = Tr::to_f2(Tr::sub(v, zpair[r]));
-#pragma unroll
-            for (int t = 0; t < TOK; ++t) {
-              part[t][r] = fmaf(af[t][f].x, q.x, part[t][r]);
-              part[t][r] = fmaf(af[t][f].y, q.y, part[t][r]);
-            }
-          }
-        }
-      }
-    } else {
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
-      // 8 activations k = 32c + 8w .. +7 per token, as floats
-      float af[TOK][8];
+      // ap[t][j]: token t's activations for nibbles j and j + 4 of word w (pair_activations)
+      float2 ap[TOK][4];
 #pragma unroll
-      for (int t = 0; t < TOK; ++t) {
-        const uint4 av = *reinterpret_cast<const uint4*>(arow[t] + c * 32 + w * 8);
-        const uint32_t aw[4] = {av.x, av.y, av.z, av.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 f = Tr::to_f2(aw[i]);
-          af[t][2 * i] = f.x;
-          af[t][2 * i + 1] = f.y;
-        }
-      }
+      for (int t = 0; t < TOK; ++t) pair_activations<T, FRAG>(arow[t], c, w, ap[t]);
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
         const uint32_t word = w == 0 ? wq[r].x : w == 1 ? wq[r].y : w == 2 ? wq[r].z : wq[r].w;
@@ -181,12 +166,11 @@ __device__ __forceinline__ void process(const Args& p, const int* slots, int t0,
           const float2 q = Tr::to_f2(Tr::sub(v, zpair[r]));
 #pragma unroll
           for (int t = 0; t < TOK; ++t) {
-            part[t][r] = fmaf(af[t][j], q.x, part[t][r]);
-            part[t][r] = fmaf(af[t][j + 4], q.y, part[t][r]);
+            part[t][r] = fmaf(ap[t][j].x, q.x, part[t][r]);
+            part[t][r] = fmaf(ap[t][j].y, q.y, part[t][r]);
           }
         }
       }
-    }
     }
 #pragma unroll
     for (int t = 0; t < TOK; ++t)

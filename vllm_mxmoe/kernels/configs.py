@@ -231,7 +231,7 @@ def select_gemm_config(
     split_k = fit_split_k(cfg, num_tokens, topk, num_experts, n, k, sms, per_sm)
     k_tiles = k // cfg.block_k
     if int4_decode and k_tiles > INT4_MAX_K_TILES_PER_PROGRAM:
-        split_k = min(MAX_SPLIT_K, math.ceil(k_tiles / INT4_MAX_K_TILES_PER_PROGRAM))
+        split_k = min(MAX_SPLIT_K, cdiv(k_tiles, INT4_MAX_K_TILES_PER_PROGRAM))
     cfg = replace(cfg, split_k=split_k)
     if int4_decode and k_tiles // cfg.split_k >= UNROLL_MIN_K_TILES:
         cfg = replace(cfg, **UNROLLED_DECODE)
