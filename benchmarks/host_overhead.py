@@ -1,5 +1,6 @@
-"""Host-side cost of one MoE layer forward outside CUDA graphs: mxmoe_fused_experts with every Triton launch
-replaced by a no-op, on the CPU.
+"""Host-side cost of one MoE layer forward outside CUDA graphs.
+
+On the CPU (default): mxmoe_fused_experts with every Triton launch replaced by a no-op.
 
 vLLM runs prefill chunks larger than its biggest CUDA graph eagerly; there the plugin's Python between two
 kernels (config choice, routing buffers, launch arguments) is time the GPU may sit idle
@@ -7,6 +8,13 @@ kernels (config choice, routing buffers, launch arguments) is time the GPU may s
 leaves out the launches themselves (triton's launcher, the driver) and vLLM's custom-op dispatch:
 
     PYTHONPATH=. python benchmarks/host_overhead.py --shape qwen3-30b-a3b --assign mixed3.25 --tokens 4096
+
+On a GPU (``--device cuda``): the real launches, timed from the host. Per call it reports the host time to
+enqueue one layer (median over the calls) next to the wall time per call with the GPU kept busy (a run of calls
+and one synchronisation). While the host time stays below the GPU's, an eager step never waits for our Python.
+With vLLM importable (``--baselines``), vLLM's GPTQ-Marlin and bf16 fused-MoE ops are timed the same way:
+
+    . /tmp/vk/env.sh && PYTHONPATH=. python benchmarks/host_overhead.py --device cuda --tokens 16,4096 --baselines
 """
 
 from __future__ import annotations
@@ -72,21 +80,85 @@ def host_us_per_call(shape: str, assign: str, tokens: int, reps: int = 7, calls:
     return times
 
 
+def cuda_host_and_wall_us(forward, calls: int = 50, reps: int = 5) -> tuple[float, float]:
+    """(median host microseconds to enqueue one call, wall microseconds per call over ``calls`` back-to-back
+    calls and one synchronisation), the best of ``reps`` runs each. ``calls`` stays small enough that the
+    launch queue never fills (a full queue would block the host and count GPU time as host time)."""
+    forward()
+    torch.cuda.synchronize()
+    hosts, walls = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        per_call = []
+        start = time.perf_counter()
+        for _ in range(calls):
+            t = time.perf_counter()
+            forward()
+            per_call.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - start) / calls * 1e6)
+        hosts.append(sorted(per_call)[calls // 2] * 1e6)
+    return min(hosts), min(walls)
+
+
+def cuda_layers(shape: str, assign: str, baselines: bool) -> dict:
+    """name -> impl with run(x, topk_weights, topk_ids): ours, and vLLM's Marlin and bf16 ops if asked for."""
+    from benchmarks import baselines as bl
+
+    s = kc.SHAPES[shape]
+    impls = [bl.Ours(shape, s, assign)]
+    if baselines:
+        impls += [bl.Marlin(s), bl.VllmBf16(s)]
+    return {impl.name: impl for impl in impls}
+
+
+def run_cuda(shape: str, assign: str, token_counts: list[int], baselines: bool, calls: int, reps: int) -> None:
+    s = kc.SHAPES[shape]
+    impls = cuda_layers(shape, assign, baselines)
+    print(f"# {shape}, Zipf routing, real launches on {torch.cuda.get_device_name()}; host = median time to enqueue "
+          f"one layer, wall = time per layer with the GPU kept busy (best of {reps} runs of {calls} calls)")
+    context = contextlib.nullcontext()
+    if baselines:  # vLLM's fused_experts reads the current vLLM config
+        from vllm.config import VllmConfig, set_current_vllm_config
+
+        context = set_current_vllm_config(VllmConfig())
+    with context:
+        for tokens in token_counts:
+            x = torch.randn(tokens, s["hidden"], device="cuda", dtype=torch.bfloat16)
+            ids, weights = kc.zipf_routing(tokens, s["experts"], s["topk"], seed=tokens)
+            for name, impl in impls.items():
+                host, wall = cuda_host_and_wall_us(lambda: impl.run(x, weights, ids), calls, reps)  # noqa: B023
+                idle = "GPU waits on the host" if host > 0.9 * wall else "host ahead"
+                print(f"tokens {tokens:6d} {name:18s} host {host:8.1f} us  wall {wall:8.1f} us  ({idle})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="qwen3-30b-a3b", help=f"one of {', '.join(kc.LAYER_SHAPES)}")
     ap.add_argument("--assign", default="mixed3.25", help="layer schemes, as kernel_check.py --assign")
     ap.add_argument("--tokens", default="16,4096", help="comma-separated token counts")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--calls", type=int, default=None, help="calls per repetition (default 200 on the CPU, 50 on a GPU)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: launches stubbed; cuda: real launches, host and wall time per call")
+    ap.add_argument("--baselines", action="store_true", help="with --device cuda: also vLLM's Marlin and bf16 ops")
     args = ap.parse_args()
     if args.shape not in kc.LAYER_SHAPES:
         ap.error(f"unknown --shape {args.shape}: expected one of {', '.join(kc.LAYER_SHAPES)}")
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device is visible")
+        run_cuda(args.shape, args.assign, token_counts, args.baselines, args.calls or 50, args.reps)
+        return
+    if args.baselines:
+        ap.error("--baselines needs --device cuda")
+    calls = args.calls or 200
     with stubbed_kernel_launches() as stubbed:
         print(f"# host time per mxmoe_fused_experts call, {args.shape} {args.assign}, launches stubbed "
               f"({len(stubbed)} kernels), torch {torch.__version__}, {os.cpu_count()} CPUs")
-        for tokens in (int(t) for t in args.tokens.split(",")):
-            times = host_us_per_call(args.shape, args.assign, tokens, args.reps, args.calls)
+        for tokens in token_counts:
+            times = host_us_per_call(args.shape, args.assign, tokens, args.reps, calls)
             print(f"tokens {tokens:6d}: min {min(times):7.1f} us, median {sorted(times)[len(times) // 2]:7.1f} us")
 
 

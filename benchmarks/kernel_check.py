@@ -63,7 +63,7 @@ LAYER_SHAPES = {
 }
 SHAPES = dict(LAYER_SHAPES)
 DEFAULT_SHAPES = ("qwen1.5-moe", "qwen3-30b-a3b")
-CHECK_TOKENS = (1, 16, 256, 2048)
+CHECK_TOKENS = (1, 16, 128, 256, 512, 2048)  # 128-512: both decode tiles (16 and 32 rows)
 TIME_TOKENS = (1, 16, 64, 256, 1024, 8192)
 SPLIT_TOKENS = (1, 16, 64, 256, 8192)
 ZIPF_S = 1.0  # routing skew of the timed layers; 0 = uniform (what random-weight routers give)

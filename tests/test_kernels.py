@@ -252,6 +252,8 @@ def test_align_routing(num_tokens, topk, num_experts, block_m, local, one_progra
         (FRAGMENT_SCHEMES, 640, GemmConfig(16, 32, 128, 4, 1, split_k=2, k_unroll=2)),
         # fragment blocks read by 32-K tiles (a quarter chunk; 3 bits: the k5 half picked at run time)
         (FRAGMENT_SCHEMES, 256, GemmConfig(16, 32, 32, 4, 1, split_k=1)),
+        # 32-row tiles (the decode table's 14-48 rows per expert bucket)
+        (FRAGMENT_SCHEMES, 384, GemmConfig(32, 32, 128, 4, 1, split_k=2)),
     ],
 )
 def test_grouped_gemm_mixed(schemes, k, cfg, dequant, swap_ab):
@@ -461,6 +463,20 @@ def test_fused_moe_expert_map_and_table_config():
     assert err < FP8_TOL, err
 
 
+def test_fused_moe_table_takes_the_32_row_decode_tile():
+    # 40 tokens x 2 slots over 4 experts: 20 rows each, the table's 32-row swap-AB tile (asm dequant on a GPU).
+    from vllm_mxmoe.kernels.fused_moe import select_configs
+
+    gen = torch.Generator().manual_seed(6)
+    w13 = make_weights(["w4g128", "w3g128", "w2g128", "w8"], 256, 128, gen)
+    w2 = make_weights(["w3g128", "w4g128", "w8", "w2g128"], 128, 128, gen)
+    cfg1, cfg2 = select_configs(40, 2, w13, w2)
+    assert (cfg1.block_m, cfg1.swap_ab, cfg2.block_m, cfg2.swap_ab) == (32, True, 32, True)
+    err = _run_layer(40, 2, ["w4g128", "w3g128", "w2g128", "w8"], ["w3g128", "w4g128", "w8", "w2g128"], 128, 128,
+                     seed=6)
+    assert err < WEIGHT_ONLY_TOL, err
+
+
 def test_fused_moe_block_m_32():
     configs = (GemmConfig(32, 32, 128, 4, 1), GemmConfig(32, 64, 32, 4, 1))
     err = _run_layer(21, 2, ["w4g128", "w8", "w2g128"], ["w4g64", "w3g32", "w8"], 128, 64, seed=4, configs=configs)
@@ -503,6 +519,7 @@ def test_default_dequant_takes_the_asm_for_64_row_tiles_of_3bit_layers(monkeypat
 
     monkeypatch.delenv("MXMOE_DEQUANT", raising=False)
     assert default_dequant(16) == DEQUANT_ASM
+    assert default_dequant(32) == DEQUANT_ASM  # the 32-row decode tile
     assert default_dequant(64) == DEQUANT_V1  # layers without 3-bit fragment blocks
     assert default_dequant(64, low_bit=True) == DEQUANT_ASM
     assert default_dequant(128, low_bit=True) == DEQUANT_V1
@@ -519,6 +536,11 @@ def test_config_selection():
     # Decode: small BLOCK_M, K split so that enough programs stream weights; never more splits than K tiles.
     decode = select_gemm_config(1, 8, 128, 1536, 2048, [128])
     assert decode.block_m == 16 and 1 < decode.split_k <= 2048 // decode.block_k
+    # 14-48 rows per expert (DeepSeek-V2-Lite at 256 tokens: 24) take the 32-row swap-AB tile, with the asm
+    # dequant; 12 rows (DeepSeek at 128 tokens) keep 16 rows, and so do the tiles of fewer rows.
+    assert (select_gemm_config(256, 6, 64, 2816, 2048, [128]).block_m,
+            select_gemm_config(128, 6, 64, 2816, 2048, [128]).block_m) == (32, 16)
+    assert select_gemm_config(256, 6, 64, 2816, 2048, [128]).swap_ab
     assert select_gemm_config(1, 8, 128, 2048, 256, [128]).split_k <= 256 // 128
     # ... and never into programs of fewer than MOE_MIN_K_STEPS_PER_SPLIT K tiles on average (qwen3's down: 6
     # tiles, unsplit; its gate_up: 16 tiles, 2 ways; DeepSeek's down: 11 tiles, 2 ways).

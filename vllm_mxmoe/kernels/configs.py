@@ -49,13 +49,20 @@ class GemmConfig:
 # the plain orientation bound by 8-way bank-conflicted shared-memory stores of the dequantized tile.
 # With 4-bit blocks in fragment order (layout.is_fragment_ordered; 2026-11-29 late sweeps,
 # KERNEL_NOTES.md version 5) BLOCK_M = 16 also won at 17 rows per expert (qwen1.5-moe, 256 tokens:
-# 1.7-2.1x over BLOCK_M = 32), and prefill wants BLOCK_K = 128 with 2 stages (1.6-2.5x at 8192 tokens);
+# 1.7-2.1x over a 32-row tile in the plain orientation with the v1 dequant; see below), and prefill wants BLOCK_K = 128 with 2 stages (1.6-2.5x at 8192 tokens);
 # the <= 128-row bucket takes the same BLOCK_K and stages: its own sweep (1024 tokens, 2026-11-30) found
 # 8 warps / 3 stages 1.03-1.16x faster on gate_up but 1.07x slower on down, and a bucket has one config.
+# Above 16 and up to 48 expected rows the swap-AB tile takes 32 rows (each expert's weights dequantized once
+# for up to 32 rows instead of twice or three times). Measured on an H200 (decode_probe.py --overrides,
+# w4g128 and mixed 3.25, session 15), time per GEMM against the 16-row tile: uniform routing, 0.73-0.92x at
+# 17-48 rows per expert on DeepSeek-V2-Lite and Qwen1.5-MoE (256-512 tokens), 0.80-0.83x on Qwen3-30B-A3B at
+# 32 and 0.78-0.85x on Mixtral at 32; 1.13-1.30x at 8-12 rows. At exactly 16 rows it is a draw: 0.94-0.97x
+# with uniform routing (Qwen3, 256 tokens), 0.94-1.05x and slower in 6 of 8 GEMMs with Zipf s=1 (Qwen3 at
+# 256, Mixtral at 64), so 16 keeps the 16-row tile. (Session 9's 32-row probe had fallen back to the v1
+# dequant.)
 TILE_TABLE: list[tuple[float, GemmConfig]] = [
-    (4, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True)),
     (16, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True)),
-    (48, GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True)),
+    (48, GemmConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True)),
     (128, GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=2)),
     (math.inf, GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=2)),
 ]
@@ -148,7 +155,7 @@ def resolve_dequant(mode: int, block_m: int | None = None, low_bit: bool = False
 # triton 3.6 fails to compile it for some layers (grouped_gemm then falls back to mode 0 with a
 # warning), and it was not faster at 8192 tokens on mixed layers: larger tiles keep mode 0.
 DEQUANT_DEFAULT = DEQUANT_ASM
-ASM_MAX_BLOCK_M = 16  # the tiles it was measured on (<= 256 tokens on qwen3-30b-a3b)
+ASM_MAX_BLOCK_M = 32  # the decode tiles it was measured on (16 rows: <= 256 tokens on qwen3; 32 rows: session 15)
 # Since 3-bit codes decode in place (KERNEL_NOTES.md version 11), 64-row tiles of layers holding 3-bit
 # fragment blocks are faster with the asm too: mixed 3.25 layers 0.89-0.90x the time at 256 (Mixtral)
 # and 2048 tokens (Qwen3), w3g128 0.85-0.89x; w2g128 layers 1.15-1.46x slower with it, all-4-bit ones
@@ -198,8 +205,8 @@ def num_sms(device: torch.device | None) -> int:
 
 def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n: int, k: int, sms: int,
                 programs_per_sm: int) -> int:
-    """Split K in decode so that busy M-blocks x N-blocks x splits fills the GPU."""
-    if cfg.block_m > 16:
+    """Split K in decode (the swap-AB tiles) so that busy M-blocks x N-blocks x splits fills the GPU."""
+    if not cfg.swap_ab:
         return 1
     busy_blocks = min(num_tokens * topk, num_experts)  # every busy expert holds >= 1 M-block
     return split_for_programs(cfg, busy_blocks * math.ceil(n / cfg.block_n), k, sms, programs_per_sm,
