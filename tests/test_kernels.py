@@ -477,6 +477,35 @@ def test_fused_moe_table_takes_the_32_row_decode_tile():
     assert err < WEIGHT_ONLY_TOL, err
 
 
+def test_layer_gemm_keys_share_the_3bit_fact():
+    """Both GEMMs of a layer must pick one BLOCK_M: a 3-bit block in either GEMM moves both to the 32-row tile at
+    48-128 rows per expert; a layer without one keeps the 64-row tile."""
+    from vllm_mxmoe.kernels.fused_moe import layer_gemm_keys, select_configs
+
+    gen = torch.Generator().manual_seed(7)
+    w13_w4 = make_weights(["w4g128"] * 4, 256, 128, gen)
+    w2_mixed = make_weights(["w4g128", "w3g128", "w4g128", "w4g128"], 128, 128, gen)
+    w2_w4 = make_weights(["w4g128"] * 4, 128, 128, gen)
+    k1, k2 = layer_gemm_keys(w13_w4, w2_mixed)
+    assert k1.low_bit_layer and k2.low_bit_layer and k1.int4_only and not k2.int4_only
+    cfgs = select_configs(160, 2, w13_w4, w2_mixed)  # 80 rows per expert
+    assert [(c.block_m, c.swap_ab) for c in cfgs] == [(32, True), (32, True)]
+    assert [c.block_m for c in select_configs(160, 2, w13_w4, w2_w4)] == [64, 64]
+    assert [c.block_m for c in select_configs(40, 2, w13_w4, w2_w4)] == [32, 32]  # 20 rows: any layer
+
+
+def test_fused_moe_low_bit_layer_on_the_wide_32_row_tile():
+    # 70 rows per expert on a layer with 3-bit blocks: three 32-row tiles per expert, the last one partly padding.
+    from vllm_mxmoe.kernels.fused_moe import select_configs
+
+    s13, s2 = ["w3g128", "w4g128", "w2g128", "w3g128"], ["w4g128", "w3g128", "w3g128", "w2g128"]
+    gen = torch.Generator().manual_seed(8)
+    cfg1, _ = select_configs(140, 2, make_weights(s13, 256, 128, gen), make_weights(s2, 128, 128, gen))
+    assert (cfg1.block_m, cfg1.swap_ab) == (32, True)
+    err = _run_layer(140, 2, s13, s2, 128, 128, seed=8)
+    assert err < WEIGHT_ONLY_TOL, err
+
+
 def test_fused_moe_block_m_32():
     configs = (GemmConfig(32, 32, 128, 4, 1), GemmConfig(32, 64, 32, 4, 1))
     err = _run_layer(21, 2, ["w4g128", "w8", "w2g128"], ["w4g64", "w3g32", "w8"], 128, 64, seed=4, configs=configs)
@@ -541,6 +570,12 @@ def test_config_selection():
     assert (select_gemm_config(256, 6, 64, 2816, 2048, [128]).block_m,
             select_gemm_config(128, 6, 64, 2816, 2048, [128]).block_m) == (32, 16)
     assert select_gemm_config(256, 6, 64, 2816, 2048, [128]).swap_ab
+    # Layers holding 3-bit blocks keep it, unsplit, up to 128 rows (Mixtral at 512 tokens: 128; its down has 112 K
+    # tiles); others take the 64-row tile there; past 128 rows both take the prefill tiles.
+    wide = select_gemm_config(512, 2, 8, 4096, 14336, [128], sms=132, low_bit_layer=True)
+    assert (wide.block_m, wide.swap_ab, wide.split_k) == (32, True, 1)
+    assert select_gemm_config(512, 2, 8, 4096, 14336, [128], sms=132).block_m == 64
+    assert select_gemm_config(1024, 2, 8, 4096, 14336, [128], sms=132, low_bit_layer=True).block_m == 128
     assert select_gemm_config(1, 8, 128, 2048, 256, [128]).split_k <= 256 // 128
     # ... and never into programs of fewer than MOE_MIN_K_STEPS_PER_SPLIT K tiles on average (qwen3's down: 6
     # tiles, unsplit; its gate_up: 16 tiles, 2 ways; DeepSeek's down: 11 tiles, 2 ways).

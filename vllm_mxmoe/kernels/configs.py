@@ -67,6 +67,14 @@ TILE_TABLE: list[tuple[float, GemmConfig]] = [
     (math.inf, GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=2)),
 ]
 
+# Layers holding 3-bit blocks keep the 32-row swap-AB tile (unsplit) from 48 up to 128 expected rows per
+# expert, where other layers take the 64-row tile. Measured on an H200 (decode_probe.py --zipf-s 1, session 15,
+# results/2026-11-30-s15-h200/call6_wide_tiles_table), 32-row time / 64-row time for mixed 3.25 layers
+# (2/3/4-bit): Mixtral at 64 rows 0.81 (gate_up) / 0.65 (down), at 128 rows 0.84 / 0.77; DeepSeek-V2-Lite at
+# 96 rows 0.88 / 0.87. Not measured on the Qwen shapes. Uniform w4g128 layers split (Mixtral 0.89-0.96,
+# DeepSeek 1.04-1.05) and keep the 64-row tile.
+LOW_BIT_WIDE_DECODE_MAX_ROWS = 128
+
 # Prefill tile of a GEMM whose blocks are all w8a8fp8: with no dequantization registers the 128 x 256
 # tile with two warpgroups and 4 stages fits, and fp8 tensor cores need it (tile_sweep.py --max-tile
 # 32768, 2026-11-30: 1.23x gate_up and 1.34x down over the shared prefill tile at 8192 tokens on
@@ -178,8 +186,12 @@ def expected_rows_per_expert(num_tokens: int, topk: int, num_experts: int) -> fl
     return num_tokens * topk / max(num_experts, 1)
 
 
-def table_config(num_tokens: int, topk: int, num_experts: int) -> GemmConfig:
+def table_config(num_tokens: int, topk: int, num_experts: int, low_bit_layer: bool = False) -> GemmConfig:
+    """The tile for the expected rows per expert; ``low_bit_layer``: the layer holds 3-bit blocks
+    (LOW_BIT_WIDE_DECODE_MAX_ROWS)."""
     rows = expected_rows_per_expert(num_tokens, topk, num_experts)
+    if low_bit_layer and TILE_TABLE[1][0] < rows <= LOW_BIT_WIDE_DECODE_MAX_ROWS:
+        return TILE_TABLE[1][1]
     for bound, cfg in TILE_TABLE:
         if rows <= bound:
             return cfg
@@ -205,8 +217,9 @@ def num_sms(device: torch.device | None) -> int:
 
 def fit_split_k(cfg: GemmConfig, num_tokens: int, topk: int, num_experts: int, n: int, k: int, sms: int,
                 programs_per_sm: int) -> int:
-    """Split K in decode (the swap-AB tiles) so that busy M-blocks x N-blocks x splits fills the GPU."""
-    if not cfg.swap_ab:
+    """Split K in decode (the swap-AB tiles up to TILE_TABLE's 48 rows) so that busy M-blocks x N-blocks x splits
+    fills the GPU."""
+    if not cfg.swap_ab or expected_rows_per_expert(num_tokens, topk, num_experts) > TILE_TABLE[1][0]:
         return 1
     busy_blocks = min(num_tokens * topk, num_experts)  # every busy expert holds >= 1 M-block
     return split_for_programs(cfg, busy_blocks * math.ceil(n / cfg.block_n), k, sms, programs_per_sm,
@@ -223,12 +236,13 @@ def split_for_programs(cfg: GemmConfig, programs: int, k: int, sms: int,
 
 def select_gemm_config(
     num_tokens: int, topk: int, num_experts: int, n: int, k: int, groups: Sequence[int], device=None,
-    sms: int | None = None, fp8_only: bool = False, int4_only: bool = False,
+    sms: int | None = None, fp8_only: bool = False, int4_only: bool = False, low_bit_layer: bool = False,
 ) -> GemmConfig:
     """The config of one GEMM of a layer (BLOCK_M follows table_config for both); ``sms``
     overrides the SM count read from ``device``; ``fp8_only``: every block is w8a8fp8; ``int4_only``:
-    every block is 4-bit weight-only in fragment order."""
-    cfg = table_config(num_tokens, topk, num_experts)
+    every block is 4-bit weight-only in fragment order; ``low_bit_layer``: either GEMM of the layer holds
+    3-bit blocks."""
+    cfg = table_config(num_tokens, topk, num_experts, low_bit_layer)
     if fp8_only and cfg == TILE_TABLE[-1][1]:
         cfg = FP8_PREFILL_CONFIG
     cfg = replace(cfg, block_k=fit_block_k(cfg.block_k, k, groups))
@@ -253,6 +267,7 @@ class GemmKey(NamedTuple):
     groups: tuple[int, ...]
     fp8_only: bool = False  # every block is w8a8fp8
     int4_only: bool = False  # every block is 4-bit weight-only in fragment order
+    low_bit_layer: bool = False  # either GEMM of the layer holds 3-bit blocks (same for both: BLOCK_M is shared)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -260,4 +275,4 @@ def config_for_key(key: GemmKey, num_tokens: int, topk: int, num_experts: int, d
                    sms: int | None = None) -> GemmConfig:
     """select_gemm_config for the GEMM ``key`` describes (memoised: eager forwards ask for it per layer)."""
     return select_gemm_config(num_tokens, topk, num_experts, key.n, key.k, key.groups, device, sms=sms,
-                              fp8_only=key.fp8_only, int4_only=key.int4_only)
+                              fp8_only=key.fp8_only, int4_only=key.int4_only, low_bit_layer=key.low_bit_layer)

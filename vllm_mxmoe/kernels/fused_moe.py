@@ -18,7 +18,7 @@ from . import csrc_ext
 from .act_quant import quantize_fp8_per_token, silu_and_mul
 from .align import align_routing
 from .configs import GemmConfig, GemmKey, cdiv, config_for_key, next_pow2
-from .grouped_gemm import all_int4_fragment, all_w8a8fp8, grouped_gemm, needs_fp8_activations
+from .grouped_gemm import all_int4_fragment, all_w8a8fp8, grouped_gemm, has_3bit_blocks, needs_fp8_activations
 from .layout import ExpertGemmWeights
 
 
@@ -57,14 +57,23 @@ def select_configs(
     num_tokens: int, topk: int, w13: ExpertGemmWeights, w2: ExpertGemmWeights, device=None
 ) -> tuple[GemmConfig, GemmConfig]:
     """Configs of (GEMM1, GEMM2) for this token count; both share BLOCK_M (see configs.py)."""
+    key1, key2 = layer_gemm_keys(w13, w2)
     e = w13.num_experts
-    return (config_for_key(gemm_key(w13), num_tokens, topk, e, device),
-            config_for_key(gemm_key(w2), num_tokens, topk, e, device))
+    return config_for_key(key1, num_tokens, topk, e, device), config_for_key(key2, num_tokens, topk, e, device)
 
 
-def gemm_key(w: ExpertGemmWeights) -> GemmKey:
-    """What a GEMM's config depends on besides the token count."""
-    return GemmKey(w.n, w.k, w.group_sizes(), all_w8a8fp8(w), all_int4_fragment(w))
+def gemm_key(w: ExpertGemmWeights, low_bit_layer: bool | None = None) -> GemmKey:
+    """What a GEMM's config depends on besides the token count; ``low_bit_layer`` None: judged from ``w`` alone
+    (a layer whose other GEMM has the same schemes)."""
+    if low_bit_layer is None:
+        low_bit_layer = has_3bit_blocks(w)
+    return GemmKey(w.n, w.k, w.group_sizes(), all_w8a8fp8(w), all_int4_fragment(w), low_bit_layer)
+
+
+def layer_gemm_keys(w13: ExpertGemmWeights, w2: ExpertGemmWeights) -> tuple[GemmKey, GemmKey]:
+    """The gemm_key of both GEMMs of a layer, with the layer-wide facts (both must pick one BLOCK_M)."""
+    low_bit = has_3bit_blocks(w13) or has_3bit_blocks(w2)
+    return gemm_key(w13, low_bit), gemm_key(w2, low_bit)
 
 
 def mxmoe_fused_experts(

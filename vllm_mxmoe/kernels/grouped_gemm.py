@@ -104,6 +104,11 @@ def all_w8a8fp8(weights: ExpertGemmWeights) -> bool:
     return all(s.act == "fp8" and s.weight_is_fp8 for s in weights.distinct_schemes)
 
 
+def has_3bit_blocks(weights: ExpertGemmWeights) -> bool:
+    """Some block is 3-bit weight-only (configs.LOW_BIT_WIDE_DECODE_MAX_ROWS)."""
+    return any(s.bits == 3 and s.act != "fp8" for s in weights.distinct_schemes)
+
+
 def all_int4_fragment(weights: ExpertGemmWeights) -> bool:
     """Every block is 4-bit weight-only in fragment order (configs.UNROLLED_DECODE)."""
     return all(s.bits == 4 and is_fragment_ordered(s, weights.k) for s in weights.distinct_schemes)

@@ -46,7 +46,7 @@ def signature_token_counts(
 ) -> tuple[tuple[int, tuple], ...]:
     """(smallest token count, signature) for each distinct launch signature in 1..max_tokens.
 
-    gemm1/gemm2 are fused_moe.gemm_key's; the signature is
+    gemm1/gemm2 are fused_moe.layer_gemm_keys'; the signature is
     both GEMM configs and the alignment variant, which together fix every constexpr of the
     layer's kernels.
     """
@@ -64,7 +64,7 @@ def warm_up_layer(
     expert_map: torch.Tensor | None = None, num_global_experts: int | None = None,
 ) -> tuple[int, float]:
     """Run mxmoe_fused_experts once per launch signature not compiled yet; (launches, seconds)."""
-    from .fused_moe import gemm_key, mxmoe_fused_experts
+    from .fused_moe import layer_gemm_keys, mxmoe_fused_experts
 
     device = w13.qweight.device
     e_global = num_global_experts or w13.num_experts
@@ -72,7 +72,7 @@ def warm_up_layer(
                  topk, expert_map is not None, w13.group_sizes(), w2.group_sizes())
     todo = [
         (t, sig) for t, sig in signature_token_counts(
-            max_tokens, topk, w13.num_experts, gemm_key(w13), gemm_key(w2), num_sms(device)
+            max_tokens, topk, w13.num_experts, *layer_gemm_keys(w13, w2), num_sms(device)
         ) if (layer_key, sig) not in _DONE
     ]
     t0 = time.perf_counter()
