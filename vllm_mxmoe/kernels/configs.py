@@ -49,7 +49,8 @@ class GemmConfig:
 # the plain orientation bound by 8-way bank-conflicted shared-memory stores of the dequantized tile.
 # With 4-bit blocks in fragment order (layout.is_fragment_ordered; 2026-11-29 late sweeps,
 # KERNEL_NOTES.md version 5) BLOCK_M = 16 also won at 17 rows per expert (qwen1.5-moe, 256 tokens:
-# 1.7-2.1x over a 32-row tile in the plain orientation with the v1 dequant; see below), and prefill wants BLOCK_K = 128 with 2 stages (1.6-2.5x at 8192 tokens);
+# 1.7-2.1x over a 32-row tile in the plain orientation with the v1 dequant; see below), and prefill wants
+# BLOCK_K = 128 with 2 stages (1.6-2.5x at 8192 tokens);
 # the <= 128-row bucket takes the same BLOCK_K and stages: its own sweep (1024 tokens, 2026-11-30) found
 # 8 warps / 3 stages 1.03-1.16x faster on gate_up but 1.07x slower on down, and a bucket has one config.
 # Above 16 and up to 48 expected rows the swap-AB tile takes 32 rows (each expert's weights dequantized once
@@ -71,8 +72,8 @@ TILE_TABLE: list[tuple[float, GemmConfig]] = [
 # expert, where other layers take the 64-row tile. Measured on an H200 (decode_probe.py --zipf-s 1, session 15,
 # results/2026-11-30-s15-h200/call6_wide_tiles_table), 32-row time / 64-row time for mixed 3.25 layers
 # (2/3/4-bit): Mixtral at 64 rows 0.81 (gate_up) / 0.65 (down), at 128 rows 0.84 / 0.77; DeepSeek-V2-Lite at
-# 96 rows 0.88 / 0.87. Not measured on the Qwen shapes. Uniform w4g128 layers split (Mixtral 0.89-0.96,
-# DeepSeek 1.04-1.05) and keep the 64-row tile.
+# 96 rows 0.88 / 0.87. Not measured on the Qwen shapes. Uniform w4g128 layers came out both ways (Mixtral
+# 0.89-0.96, DeepSeek 1.04-1.05) and keep the 64-row tile.
 LOW_BIT_WIDE_DECODE_MAX_ROWS = 128
 
 # Prefill tile of a GEMM whose blocks are all w8a8fp8: with no dequantization registers the 128 x 256
