@@ -44,7 +44,7 @@ from vllm_mxmoe.kernels import csrc_ext  # noqa: E402
 from vllm_mxmoe.kernels.align import align_routing  # noqa: E402
 from vllm_mxmoe.kernels.configs import config_for_key, default_dequant  # noqa: E402
 from vllm_mxmoe.kernels.act_quant import quantize_fp8_per_token, silu_and_mul  # noqa: E402
-from vllm_mxmoe.kernels.fused_moe import gemm_key, mxmoe_fused_experts, select_configs  # noqa: E402
+from vllm_mxmoe.kernels.fused_moe import layer_gemm_keys, mxmoe_fused_experts, select_configs  # noqa: E402
 from vllm_mxmoe.kernels.grouped_gemm import grouped_gemm, needs_fp8_activations  # noqa: E402
 from vllm_mxmoe.kernels.layout import ExpertGemmWeights, block_sizes  # noqa: E402
 from vllm_mxmoe.kernels.reference import fake_quant_fp8_per_token, reference_fused_experts, silu_mul  # noqa: E402
@@ -572,7 +572,7 @@ def _ptable_case(scheme: str, n: int, k: int, rows: int, fill: bool = True):
     w = make_weights([scheme] * PTABLE_EXPERTS, n, k, seed=11, fill=fill)
     tokens = PTABLE_EXPERTS * rows
     ids = torch.arange(PTABLE_EXPERTS, device=DEVICE, dtype=torch.int32).repeat_interleave(rows)[:, None]
-    cfg = config_for_key(gemm_key(w), tokens, 1, PTABLE_EXPERTS, torch.device(DEVICE))
+    cfg = config_for_key(layer_gemm_keys(w, w)[0], tokens, 1, PTABLE_EXPERTS, torch.device(DEVICE))  # uniform layer
     routing = align_routing(ids, PTABLE_EXPERTS, cfg.block_m)
     a = torch.randn(tokens, k, device=DEVICE, dtype=DTYPE)
     a8 = quantize_fp8_per_token(a) if needs_fp8_activations(w) else None

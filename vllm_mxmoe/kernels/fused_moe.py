@@ -62,11 +62,8 @@ def select_configs(
     return config_for_key(key1, num_tokens, topk, e, device), config_for_key(key2, num_tokens, topk, e, device)
 
 
-def gemm_key(w: ExpertGemmWeights, low_bit_layer: bool | None = None) -> GemmKey:
-    """What a GEMM's config depends on besides the token count; ``low_bit_layer`` None: judged from ``w`` alone
-    (a layer whose other GEMM has the same schemes)."""
-    if low_bit_layer is None:
-        low_bit_layer = has_3bit_blocks(w)
+def gemm_key(w: ExpertGemmWeights, low_bit_layer: bool) -> GemmKey:
+    """What a GEMM's config depends on besides the token count (``low_bit_layer``: see layer_gemm_keys)."""
     return GemmKey(w.n, w.k, w.group_sizes(), all_w8a8fp8(w), all_int4_fragment(w), low_bit_layer)
 
 
