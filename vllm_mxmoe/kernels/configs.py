@@ -72,7 +72,10 @@ TILE_TABLE: list[tuple[float, GemmConfig]] = [
 # expert, where other layers take the 64-row tile. Measured on an H200 (decode_probe.py --zipf-s 1, session 15,
 # results/2026-11-30-s15-h200/call6_wide_tiles_table), 32-row time / 64-row time for mixed 3.25 layers
 # (2/3/4-bit): Mixtral at 64 rows 0.81 (gate_up) / 0.65 (down), at 128 rows 0.84 / 0.77; DeepSeek-V2-Lite at
-# 96 rows 0.88 / 0.87. Not measured on the Qwen shapes. Uniform w4g128 layers came out both ways (Mixtral
+# 96 rows 0.88 / 0.87. Session 16 (results/2026-12-01-s16-h200/callB_checks_probe_table) on all four shapes: the
+# 64-row tile takes 1.05-1.53x the 32-row tile's time (Qwen3 1.30-1.36x at 64 rows, 1.05-1.10x at 128). Past 128
+# rows the 32-row tile gains only with even routing (0.87-0.95x at 137-160 rows; Zipf 0.97-1.07x; 192 rows
+# 1.08-1.17x; callD_prefill_tiles), so the bound stays. Uniform w4g128 layers came out both ways (Mixtral
 # 0.89-0.96, DeepSeek 1.04-1.05) and keep the 64-row tile.
 LOW_BIT_WIDE_DECODE_MAX_ROWS = 128
 
