@@ -8,7 +8,9 @@ Each variant (benchmarks/speed_configs.py, random weights, CUDA graphs on as in 
 its own subprocess with the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so torch.profiler sees its
 kernels. For every batch size of ``--batch`` (a comma list; one engine serves them all): one warm-up batch,
 then the same random 128-token prompts generating ``--tokens`` tokens under the profiler (the warm-up leaves
-the prompts in vLLM's prefix cache, so the profile is nearly all decode). Prints and writes
+the prompts in vLLM's prefix cache, so the profile is nearly all decode; ``--fresh`` profiles other prompts of
+the same length instead, so the profiled batch computes its whole prefill, e.g. ``--tokens 1`` for the prefill
+step). Prints and writes
 ($OUT/serving_profile_<variant>[_b<batch>].txt) GPU time per kernel name, largest first, with each kernel's
 share of the summed kernel time and its time per generated token step.
 
@@ -88,7 +90,8 @@ def idle_gaps(kernels: list[dict], top: int = 8) -> dict:
 
 
 def profile_variant(
-    model_dir: str, tag: str, batches: list[int], tokens: int, trace: bool, spread_routers: bool = False
+    model_dir: str, tag: str, batches: list[int], tokens: int, trace: bool, spread_routers: bool = False,
+    fresh: bool = False,
 ) -> None:
     import json
     import tempfile
@@ -101,6 +104,8 @@ def profile_variant(
         name = tag if len(batches) == 1 else f"{tag}_b{batch}"
         prompts, sp = random_prompts(np.random.default_rng(0), batch), fixed_length(tokens)
         llm.generate(prompts, sp, use_tqdm=False)  # warm-up: same shapes, nothing first-run in the profile
+        if fresh:  # other prompts of the same length: the profiled batch computes its whole prefill
+            prompts = random_prompts(np.random.default_rng(1), batch)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t = time.perf_counter()
             llm.generate(prompts, sp, use_tqdm=False)
@@ -108,7 +113,8 @@ def profile_variant(
         rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0]
         rows.sort(key=lambda r: -r[1])
         total = sum(r[1] for r in rows)
-        head = f"# {name}: batch {batch}, {tokens} tokens out (prefix-cached prompts), wall {wall:.3f} s"
+        kind = "fresh" if fresh else "prefix-cached"
+        head = f"# {name}: batch {batch}, {tokens} tokens out ({kind} prompts), wall {wall:.3f} s"
         lines = [f"{head}, kernel time {total / 1e3:.1f} ms ({len(rows)} kernel names)",
                  f"{'us total':>10} {'share':>6} {'us/step':>8} {'calls':>7}  kernel"]  # fmt: skip
         for kernel, us, count in rows[:TOP]:
@@ -174,6 +180,8 @@ def main() -> None:
         "--record-routing", metavar="FILE", help="save decode-step routing (mxmoe variants) instead"
     )
     p.add_argument("--spread-routers", action="store_true", help=SPREAD_ROUTERS_HELP)
+    p.add_argument("--fresh", action="store_true",
+                   help="profile new prompts (the whole prefill computed) instead of the warm-up's cached ones")
     p.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "TAG"), help=argparse.SUPPRESS)
     args = p.parse_args()
     batches = ints(args.batch)
@@ -182,7 +190,7 @@ def main() -> None:
         record_routing(args.one[0], batches, args.tokens, path, args.spread_routers)
         return
     if args.one:
-        profile_variant(args.one[0], args.one[1], batches, args.tokens, args.trace, args.spread_routers)
+        profile_variant(args.one[0], args.one[1], batches, args.tokens, args.trace, args.spread_routers, args.fresh)
         return
     from benchmarks.speed_configs import CONFIGS, write_all
 
@@ -197,6 +205,8 @@ def main() -> None:
             cmd += ["--record-routing", args.record_routing]
         if args.spread_routers:
             cmd.append("--spread-routers")
+        if args.fresh:
+            cmd.append("--fresh")
         subprocess.run(cmd, env=env, check=False)
 
 
