@@ -39,6 +39,7 @@ from .pipeline import (
 from .profile import DEFAULT_HOLDOUT, DEFAULT_SAMPLE_TOKENS, HESSIAN_WEIGHTS
 from .quant_grid import quantize_rtn
 from .scheme_map import SchemeMapError, load_scheme_map, resolve_scheme_map, uniform_map
+from .sequential import SEQUENTIAL_TARGETS
 
 
 def _r_value(text: str) -> float | str:
@@ -168,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration tokens per MoE layer",
     )  # fmt: skip
     mx.add_argument(
+        "--sequential-target", choices=SEQUENTIAL_TARGETS, default="quantized",
+        help="with --sequential, what GPTQ fits: quantized = the unquantized weights on the quantized "
+        "model's inputs (default, GPTQ's own loop); fp = the unquantized model's outputs (GPTAQ: the "
+        "weight is shifted by W C H^-1, C the cross-covariance of fp and quantized inputs; one more "
+        "pass of the calibration tokens per layer)",
+    )  # fmt: skip
+    mx.add_argument(
         "--hessian-weights", choices=HESSIAN_WEIGHTS, default="none",
         help="GPTQ Hessians: none = X^T X over an expert's routed tokens (default); routing = each "
         "token weighted by its squared routing weight (the MoE layer's output error, as Δ measures it)",
@@ -244,6 +252,7 @@ def run_pipeline(args: argparse.Namespace) -> str:
         budget_scope=args.budget_scope, clip=args.clip, layer_weights=args.layer_weights,
         token_weights=args.token_weights,
         hessian_weights=args.hessian_weights, percdamp=args.percdamp, sequential=args.sequential,
+        sequential_target=args.sequential_target,
         refit_rounds=args.refit_scales, refine_sweeps=args.refine_codes,
     )  # fmt: skip
     report = result.report

@@ -33,7 +33,8 @@
   the same function that measured Δ, so the checkpoint holds what was predicted;
   with ``sequential`` the GPTQ Hessians are instead re-measured in model order
   through the already quantized layers (sequential.py), so what is stored then
-  differs from what Δ predicted.
+  differs from what Δ predicted; ``sequential_target="fp"`` makes GPTQ fit the
+  unquantized model's outputs there (GPTAQ) instead of W on the quantized inputs.
 
 Instead of a budget, an allocation can be given (``scheme_map``: uniform or per
 expert, as ``--scheme`` / ``--scheme-map``); then sensitivity and ILP are skipped.
@@ -95,7 +96,7 @@ from .report import LayerResult, build_report, plot_report, write_report
 from .rotation import rotate_model_
 from .scheme_map import resolve_scheme_map
 from .sensitivity import METHODS, QuantizedUnit, layer_sensitivity, quantize_unit
-from .sequential import quantize_in_model_order
+from .sequential import SEQUENTIAL_TARGETS, quantize_in_model_order
 
 # Bump when what the caches hold changes meaning, so old caches are not reused.
 # 3: profiles record the calibration position of every sampled token.
@@ -158,6 +159,9 @@ class QuantizeOptions:
     # GPTQ Hessians from the already quantized layers before each MoE layer (sequential.py)
     # instead of the unquantized model's profile
     sequential: bool = False
+    # with sequential: what GPTQ fits, "quantized" = the unquantized weights on the quantized
+    # inputs (W X̃, GPTQ's own loop), "fp" = the unquantized model's outputs (W X, GPTAQ)
+    sequential_target: str = "quantized"
     batch_size: int = DEFAULT_BATCH_SIZE  # calibration sequences per forward
     cache_dir: str | None = None  # default: <out>/cache
     device: str | None = None  # default: cuda if available, else cpu
@@ -225,6 +229,15 @@ class QuantizeOptions:
             raise PipelineError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.sequential and self.method != "gptq":
             raise PipelineError(f"--sequential changes GPTQ's Hessians; it needs --method gptq, not {self.method!r}")
+        if self.sequential_target not in SEQUENTIAL_TARGETS:
+            raise PipelineError(
+                f"--sequential-target must be one of {', '.join(SEQUENTIAL_TARGETS)}, got {self.sequential_target!r}"
+            )
+        if self.sequential_target != "quantized" and not self.sequential:
+            raise PipelineError(
+                f"--sequential-target {self.sequential_target} chooses what GPTQ in model order fits; "
+                "it needs --sequential"
+            )
 
     @property
     def effective_holdout(self) -> float:
@@ -581,7 +594,7 @@ class _Pipeline:
                                  self.opts.refine_sweeps)
 
         return quantize_in_model_order(model, moe_layers, fit, quantize, self.opts.batch_size,
-                                       self.opts.hessian_weights)
+                                       self.opts.hessian_weights, self.opts.sequential_target, self.opts.percdamp)
 
     def _quantize(
         self, moe_layers, store: ProfileStore | None, layers: list[LayerResult], fitted: dict
