@@ -2,7 +2,8 @@
 
 Usage: python seq_target.py SPEC[,SPEC...], SPEC = ALLOC:MODE with ALLOC alloc131k (s14's TL225-S3S-diag scheme map)
 or w2g128 (uniform), MODE default (not sequential), seq-q (sequential, target quantized) or seq-fp (sequential,
-target fp). Same options as s15's cross.py / run.py: 131072 calibration tokens of seq_len 512 from the cached s12
+target fp), seq-fp-rw (seq-fp with routing-weighted Hessians), seq-fp-d03 or seq-fp-d1 (seq-fp, damping 0.3 or 1.0).
+Same options as s15's cross.py / run.py: 131072 calibration tokens of seq_len 512 from the cached s12
 profile, percdamp 0.1, refine_sweeps 2; 44 windows of valid.txt (every 20th)."""
 import sys, json, time
 sys.path.insert(0, "/work/main")
@@ -18,7 +19,10 @@ SH = Path("/work/shared"); MODEL = SH / "reference-moe"; CAL = SH / "corpus" / "
 W = token_windows(MODEL, SH / "corpus" / "valid.txt", 512, None)[::20]
 REPORT = "/tmp/s14acc/out/TL225-S3S-diag/report.json"
 RESULTS = Path(__file__).with_name("results.jsonl")
-MODES = {"default": {}, "seq-q": {"sequential": True}, "seq-fp": {"sequential": True, "sequential_target": "fp"}}
+FP = {"sequential": True, "sequential_target": "fp"}
+MODES = {"default": {}, "seq-q": {"sequential": True}, "seq-fp": FP,
+         "seq-fp-rw": {**FP, "hessian_weights": "routing"}, "seq-fp-d03": {**FP, "percdamp": 0.3},
+         "seq-fp-d1": {**FP, "percdamp": 1.0}}
 
 
 def scheme_map(alloc):
@@ -33,8 +37,8 @@ def scheme_map(alloc):
 for spec in sys.argv[1].split(","):
     alloc, mode = spec.split(":"); t0 = time.time(); n = f"{alloc}-{mode}"
     r = quantize_mxmoe(MODEL, CAL, Path("/tmp/s16acc/out") / n, calib_tokens=131072, seq_len=512,
-                       cache_dir="/tmp/s12acc/dev/cache", scheme_map=scheme_map(alloc), percdamp=0.1, refine_sweeps=2,
-                       **MODES[mode])
+                       cache_dir="/tmp/s12acc/dev/cache", scheme_map=scheme_map(alloc),
+                       **{"percdamp": 0.1, "refine_sweeps": 2, **MODES[mode]})
     quantize_s = time.time() - t0
     p = perplexity_hf(r.out_dir, W)
     row = dict(name=n, alloc=alloc, mode=mode, sequential_target=r.report["options"].get("sequential_target"),
