@@ -1,6 +1,6 @@
 """s16: GPTQ in model order with the fp target (GPTAQ) at 3.25 bits, on the test text, against the default quantizer.
 Default options otherwise (131,072 calibration tokens, seed 0, damping 0.01, r = 1, roofline), as the session-9 rows
-(MxMoE 3.25 19.385, uniform w3g128 19.606). Run as `python seq_fp_325_test.py NAME[,NAME...]`."""
+(MxMoE 3.25 19.385, uniform w3g128 19.606). Run as `python seq_fp_325_testsplit.py NAME[,NAME...]`."""
 import sys, json, time
 sys.path.insert(0, "/work/main")
 import torch
@@ -26,5 +26,5 @@ for name in sys.argv[1].split(","):
     row = dict(name=name, avg_bits=r.report["achieved_avg_bits"], stages=r.stages, ppl=round(p.perplexity, 4),
                windows=p.windows, quantize_s=round(q, 1), total_s=round(time.time() - t0, 1))
     print(json.dumps(row), flush=True)
-    with open("/work/main/benchmarks/results/accuracy_s16/seq_fp_325_test.jsonl", "a") as f:
+    with open("/work/main/benchmarks/results/accuracy_s16/seq_fp_325_testsplit.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
