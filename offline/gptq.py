@@ -386,18 +386,25 @@ def _rtn_result(weight: torch.Tensor, scheme: Scheme, clip: str = "minmax") -> G
     return GPTQResult(fake, scale, zero, scheme, used_rtn=True)
 
 
+def damped_choleskys(h: torch.Tensor, percdamp: float):
+    """Lower Cholesky factors of H + damp * mean(diag H) * I, for damp = percdamp and then the
+    heavier _DAMP_RETRIES, skipping those that do not factorise; a caller takes the first one
+    whose result it can use."""
+    mean_diag = h.diagonal().mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for damp in (percdamp, *_DAMP_RETRIES):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if info.item() == 0:
+            yield chol
+
+
 def _upper_cholesky_of_inverse(h: torch.Tensor, percdamp: float) -> torch.Tensor | None:
     """Upper Cholesky factor of (H + damp I)^-1 as float32, or None if H is hopeless.
 
     Factorised in float64: the inverse of a badly conditioned Hessian is where
     float32 GPTQ implementations blow up.
     """
-    mean_diag = h.diagonal().mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for damp in (percdamp, *_DAMP_RETRIES):
-        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
-        if info.item() != 0:
-            continue
+    for chol in damped_choleskys(h, percdamp):
         hinv = torch.cholesky_inverse(chol)
         upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
         if info.item() == 0 and torch.isfinite(upper).all():

@@ -170,8 +170,7 @@ class _ExpertRecorder:
             token, slot = torch.where(ids == expert)
             x = hidden[token].float()
             if self.role != "holdout":
-                gate, up = F.linear(x, self.experts.gate_up_proj[expert].float()).chunk(2, dim=-1)
-                h = self.experts.act_fn(gate) * up
+                h = expert_activation(x, self.experts.gate_up_proj[expert].float(), self.experts.act_fn)
                 if self.hessian_weights == "routing":  # H = sum_t w_t^2 x_t x_t^T
                     r = weights[token, slot].float().unsqueeze(-1).to(x.device)
                     self.gate_up[expert].add(x * r)
@@ -215,6 +214,12 @@ class _ExpertRecorder:
             sample_sizes=sizes,
             sample_positions=positions,
         )
+
+
+def expert_activation(x: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+    """act(gate · x) * (up · x), the down projection's input, for x [T, H] and gate_up [2I, H] (gate rows first)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return act_fn(gate) * up
 
 
 def _routing_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

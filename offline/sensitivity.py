@@ -38,7 +38,7 @@ from vllm_mxmoe.schemes import Scheme, parse_scheme
 
 from .gptq import DEFAULT_PERCDAMP, run_gptq
 from .ilp import UNITS
-from .profile import LayerProfile
+from .profile import LayerProfile, expert_activation
 from .quant_grid import fit_grid_clipped
 
 METHODS = ("gptq", "rtn")
@@ -93,8 +93,7 @@ def expert_output(
     x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """y = down · (act(gate · x) * (up · x)) for x [T, H], gate_up [2I, H], down [H, I]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(act_fn(gate) * up, down)
+    return F.linear(expert_activation(x, gate_up, act_fn), down)
 
 
 def weighted_error(

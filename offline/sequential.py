@@ -36,11 +36,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .gptq import _DAMP_RETRIES, DEFAULT_PERCDAMP, HessianAccumulator, _checked_hessian, _decouple_dead_inputs
+from .gptq import DEFAULT_PERCDAMP, HessianAccumulator, _checked_hessian, _decouple_dead_inputs, damped_choleskys
 from .profile import (
     HESSIAN_WEIGHTS,
     MoELayer,
@@ -48,6 +47,7 @@ from .profile import (
     _first_layer_inputs,
     _routing_arguments,
     decoder_layers,
+    expert_activation,
 )
 from .sensitivity import QuantizedUnit
 
@@ -132,15 +132,11 @@ def fp_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
     if not (h.diagonal() > 0).any() or not bool(cross.any()):
         return w.clone()
     _decouple_dead_inputs(h)
-    mean_diag = h.diagonal().mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     wc = w.double() @ cross.to(device=h.device, dtype=torch.float64)
-    for damp in (percdamp, *_DAMP_RETRIES):
-        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
-        if info.item() == 0:  # (H + λI) symmetric: W C (H + λI)^-1 = ((H + λI)^-1 (W C)^T)^T
-            shift = torch.cholesky_solve(wc.T, chol).T
-            if torch.isfinite(shift).all():
-                return (w.double() + shift).float()
+    for chol in damped_choleskys(h, percdamp):  # H + λI symmetric: W C (H + λI)^-1 = ((H + λI)^-1 (W C)^T)^T
+        shift = torch.cholesky_solve(wc.T, chol).T
+        if torch.isfinite(shift).all():
+            return (w.double() + shift).float()
     return w.clone()
 
 
@@ -175,8 +171,8 @@ class _PairedRecorder:
             token, slot = torch.where(ids == expert)
             x_q, x_fp = hidden[token].float(), reference[token].float()
             if self.unit == "down":
-                x_q = self._intermediate(x_q, self.experts.gate_up_proj[expert])
-                x_fp = self._intermediate(x_fp, self.reference_gate_up[expert])
+                x_q = expert_activation(x_q, self.experts.gate_up_proj[expert].float(), self.experts.act_fn)
+                x_fp = expert_activation(x_fp, self.reference_gate_up[expert].float(), self.experts.act_fn)
             if self.hessian_weights == "routing":  # H = Σ w_t² x̃ x̃ᵀ, C = Σ w_t² (x - x̃) x̃ᵀ
                 r = weights[token, slot].float().unsqueeze(-1).to(x_q.device)
                 x_q, x_fp = x_q * r, x_fp * r
@@ -184,10 +180,6 @@ class _PairedRecorder:
             acc = self.hessians[expert]
             product = ((x_fp - x_q).T @ x_q).to(acc.dtype)
             self.crosses[expert] = product if self.crosses[expert] is None else self.crosses[expert] + product
-
-    def _intermediate(self, x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, gate_up.float()).chunk(2, dim=-1)
-        return self.experts.act_fn(gate) * up
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, C) [E, K, K] float32 on CPU; zeros for experts no token reached."""
