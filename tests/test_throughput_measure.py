@@ -46,3 +46,30 @@ def test_prompts_per_timed_run(tmp_path, monkeypatch, capsys, fresh):
     assert len(lines) == 2 and all("runs=[" in ln for ln in lines)
     assert all(("prefill=fresh" in ln) == fresh for ln in lines)
     assert (tmp_path / f"throughput_t{'_fresh' if fresh else ''}.json").exists()
+
+
+def test_prefill_steps_time_one_token_of_new_prompts(tmp_path, monkeypatch, capsys):
+    """measure_prefill_steps: a warm-up, then ``repeats`` runs of one token out, each on prompts no earlier run saw."""
+    monkeypatch.setattr(gsc, "OUT", tmp_path)
+    engine = RecordingEngine()
+    res = gsc.measure_prefill_steps(engine, "t", [4], np.random.default_rng(0), repeats=5)
+    assert list(res) == [4] and res[4] > 0
+    assert [tokens for _, tokens in engine.calls] == [1] * 6
+    seen = [set(prompts) for prompts, _ in engine.calls]
+    assert all(len(s) == 4 for s in seen) and all(not (seen[i] & seen[j]) for i in range(6) for j in range(i))
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT")]
+    assert "prefill_step bs=4 median_ms=" in line and (tmp_path / "prefill_step_t.json").exists()
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("gptq4_marlin", ("gptq4_marlin", {})),
+    ("mxmoe_mixed325@MXMOE_DEQUANT=2", ("mxmoe_mixed325", {"MXMOE_DEQUANT": "2"})),
+    ("mxmoe_w4g128@A=1@B=x=y", ("mxmoe_w4g128", {"A": "1", "B": "x=y"})),
+])
+def test_variant_environment(variant, expected):
+    assert gsc.split_env(variant) == expected
+
+
+def test_variant_environment_names_a_bad_setting():
+    with pytest.raises(ValueError, match="NAME=VALUE, got 'FOO'"):
+        gsc.split_env("mxmoe_mixed325@FOO")
