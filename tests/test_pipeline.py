@@ -43,6 +43,10 @@ from vllm_mxmoe.schemes import parse_scheme
 CORPUS = REFERENCE_MOE.parent / "corpus" / "calib.txt"
 # Small calibration for speed: 8 sequences of 128 tokens, 128 sampled tokens per expert.
 FAST = {"calib_tokens": 1024, "seq_len": 128, "sample_tokens": 128}
+# The run fixture's quantizer: GPTQ on the profile's Hessians (dampening 0.01), so that its export is exactly what
+# Δ predicted. Runs that reuse its caches pass it too (Δ is cached per dampening). The default quantizer, GPTQ in
+# model order, is covered by test_sequential_target.py and the CLI test here.
+AS_RUN = {"sequential": False}
 UNROUTED = 0  # expert of layer 0 the router can never pick
 
 
@@ -86,9 +90,7 @@ def source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(source, calib, tmp_path_factory):
     out = tmp_path_factory.mktemp("mx") / "q"
-    # GPTQ on the profile's Hessians, so that the export is exactly what Δ predicted (the tests below);
-    # the default, GPTQ in model order, is in test_sequential_target.py and the CLI test here.
-    return quantize_mxmoe(source, calib, out, wbits=3.25, r=1.0, sequential=False, **FAST)
+    return quantize_mxmoe(source, calib, out, wbits=3.25, r=1.0, **AS_RUN, **FAST)
 
 
 def test_budget_met_exactly_as_counted(run):
@@ -117,7 +119,7 @@ def test_second_run_reuses_profile_and_sensitivity(run, source, calib, tmp_path,
     monkeypatch.setattr(pipeline_module, "profile_model", must_not_run)
     monkeypatch.setattr(pipeline_module, "layer_sensitivity", must_not_run)
     again = quantize_mxmoe(
-        source, calib, tmp_path / "q2", wbits=2.75, r="auto", cache_dir=str(run.out_dir / "cache"), **FAST
+        source, calib, tmp_path / "q2", wbits=2.75, r="auto", cache_dir=str(run.out_dir / "cache"), **AS_RUN, **FAST
     )
     assert again.stages["profile"] == again.stages["sensitivity"] == "cached"
     assert run.stages["profile"] == run.stages["sensitivity"] == "computed"
@@ -142,7 +144,7 @@ def test_sensitivity_cached_per_scheme(run, source, calib, tmp_path, monkeypatch
 
     monkeypatch.setattr(pipeline_module, "layer_sensitivity", recording)
     monkeypatch.setattr(pipeline_module._Pipeline, "_allocate", allocate)
-    common = {"wbits": 3.25, "r": 1.0, "cache_dir": str(cache), **FAST}
+    common = {"wbits": 3.25, "r": 1.0, "cache_dir": str(cache), **AS_RUN, **FAST}
     more = quantize_mxmoe(
         source, calib, tmp_path / "more", schemes=(*pipeline_module.DEFAULT_SCHEMES, "w2g64"), **common
     )
@@ -227,6 +229,7 @@ def test_model_budget_scope_moves_bits_between_layers(run, source, calib, tmp_pa
         "r": 1.0,
         "budget_scope": "model",
         "cache_dir": str(run.out_dir / "cache"),
+        **AS_RUN,
         **FAST,
     }
     raw = quantize_mxmoe(source, calib, tmp_path / "raw", layer_weights="none", **common)
