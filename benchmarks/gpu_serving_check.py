@@ -115,7 +115,9 @@ SPREAD_ROUTERS_HELP = (
     "refill the router gates after loading (spread_router_weights) so dummy routing spreads, the same "
     "in every variant (DeepSeek's otherwise sends every token to the same 6 experts)"
 )
-PREFILL_STEP_HELP = "batch sizes whose one-token generation on new prompts (the prefill step) is timed, median of 9"
+PREFILL_STEP_HELP = (
+    "batch sizes whose one-token generation on new prompts (the prefill step) is timed, median of max(--repeats, 9)"
+)
 REPEATS_HELP = "timed runs per batch size; the median is reported (the runs are one to two seconds each)"
 PREFILL_HELP = (
     "cached: time each batch after a warm-up on the same prompts (prefix cache hits: mostly decode); fresh: new "
