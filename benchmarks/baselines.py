@@ -124,21 +124,36 @@ class Marlin:
         return torch_moe(x, self.dense[0], self.dense[1], tw, ids)
 
 
+# +csrc: GEMMs through csrc/ where it applies; +sep: silu(gate) * up as its own kernel, not in GEMM1's epilogue
+OURS_FLAGS = ("csrc", "sep")
+
+
+def split_assign(assign: str) -> tuple[str, set[str]]:
+    """'mixed3.25+csrc+sep' -> ('mixed3.25', {'csrc', 'sep'})."""
+    name, *flags = assign.split("+")
+    unknown = set(flags) - set(OURS_FLAGS)
+    if unknown:
+        raise SystemExit(f"--ours {assign}: unknown flag(s) {sorted(unknown)}; known: {OURS_FLAGS}")
+    return name, set(flags)
+
+
 class Ours:
     def __init__(self, shape_name, s, assign):
         self.name = f"ours_{assign}"
-        self.use_csrc = assign.endswith("+csrc")
+        name, flags = split_assign(assign)
+        self.use_csrc = "csrc" in flags
+        self.fuse_silu = "sep" not in flags
         if self.use_csrc:
             from vllm_mxmoe.kernels import csrc_ext
 
             csrc_ext.build()
-        layers = kc.make_layer(shape_name, assign.removesuffix("+csrc"))
+        layers = kc.make_layer(shape_name, name)
         self.bits = kc.avg_bits(*layers)
         self.copies = kc.layer_copies(layers, COPIES)
 
     def run(self, x, tw, ids, c=0):
         a, b = self.copies[c]
-        return mxmoe_fused_experts(x, a, b, tw, ids, use_csrc=self.use_csrc)
+        return mxmoe_fused_experts(x, a, b, tw, ids, use_csrc=self.use_csrc, fuse_silu=self.fuse_silu)
 
     def reference(self, x, tw, ids):
         a, b = self.copies[0]
@@ -201,7 +216,8 @@ def main():
     ap.add_argument("--shapes", default="qwen3-30b-a3b,qwen1.5-moe",
                     help=f"of {','.join(SHAPES)} (the last two compile new tile configs: slow)")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    ap.add_argument("--ours", default="w4g128,mixed3.25,mix2,w8a8fp8")
+    ap.add_argument("--ours", default="w4g128,mixed3.25,mix2,w8a8fp8",
+                    help="our layers (kernel_check assignments), each optionally +csrc and/or +sep (see OURS_FLAGS)")
     ap.add_argument("--procs", type=int, default=14)
     ap.add_argument("--zipf-s", type=float, default=kc.ZIPF_S,
                     help="routing skew: expert popularity ~ 1 / rank^s (0: uniform, as random-weight routers give)")
@@ -239,7 +255,7 @@ def main():
     ours = args.ours.split(",")
     shapes = args.shapes.split(",")
     # compile everything in parallel first (our kernels: kernel_check's workers; vLLM's: ours)
-    jobs = [(sh, a.removesuffix("+csrc"), t, "table") for sh in shapes if sh in kc.SHAPES for a in ours for t in tokens_list]
+    jobs = [(sh, split_assign(a)[0], t, "table") for sh in shapes if sh in kc.SHAPES for a in ours for t in tokens_list]
     emit(f"warm-up: ours {kc.warm_up(list(dict.fromkeys(jobs)), args.procs):.0f} s, "
          f"vLLM {warm_vllm([(sh, t) for sh in shapes for t in tokens_list], args.procs):.0f} s; "
          f"MXMOE_DEQUANT={os.environ.get('MXMOE_DEQUANT', '(default)')}")

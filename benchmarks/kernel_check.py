@@ -64,6 +64,7 @@ LAYER_SHAPES = {
 SHAPES = dict(LAYER_SHAPES)
 DEFAULT_SHAPES = ("qwen1.5-moe", "qwen3-30b-a3b")
 CHECK_TOKENS = (1, 16, 128, 256, 512, 2048)  # 128-512: both decode tiles (16 and 32 rows)
+MIX_CHECK_TOKENS = (1, 3, 16, 40, 512, 2048)  # the mixed3.25 layer: decode tiles, the 32-row tile, prefill tiles
 TIME_TOKENS = (1, 16, 64, 256, 1024, 8192)
 SPLIT_TOKENS = (1, 16, 64, 256, 8192)
 ZIPF_S = 1.0  # routing skew of the timed layers; 0 = uniform (what random-weight routers give)
@@ -623,12 +624,12 @@ def table_jobs(schemes, rows_list, mode):
 
 def cpu_smoke_setup():
     """Exercise this script on a CPU: tiny shapes, fp16 (the interpreter's bf16 dot is wrong)."""
-    global DEVICE, DTYPE, SHAPES, CHECK_TOKENS, TIME_TOKENS
+    global DEVICE, DTYPE, SHAPES, CHECK_TOKENS, MIX_CHECK_TOKENS, TIME_TOKENS
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--cpu-smoke needs TRITON_INTERPRET=1 in the environment (set before triton is imported)")
     DEVICE, DTYPE = "cpu", torch.float16
     SHAPES = {"tiny-a": dict(hidden=256, inter=128, experts=12, topk=2), "tiny-b": dict(hidden=128, inter=256, experts=16, topk=4)}
-    CHECK_TOKENS, TIME_TOKENS = (1, 9), (1, 40)
+    CHECK_TOKENS, MIX_CHECK_TOKENS, TIME_TOKENS = (1, 9), (1, 9), (1, 40)
     global SPLIT_TOKENS, LAYER_COPIES, FP8_CHECK_X, FP8_CHECK_ACT
     SPLIT_TOKENS, LAYER_COPIES = (3,), 1
     FP8_CHECK_X, FP8_CHECK_ACT = ((7, 200),), ((9, 96), (3, 4096))
@@ -709,6 +710,8 @@ def main():
             var = "table" if d is None else f"mode{d}"
             jobs += [(shape, "all", t, var) for shape in SHAPES for t in CHECK_TOKENS + (64,)]
         jobs += [(shape, "int4mix", t, "table") for shape in SHAPES for t in (1, 3, 8, 16, 40)]
+        if "default" in modes:
+            jobs += [(shape, "mixed3.25", t, "table") for shape in SHAPES for t in MIX_CHECK_TOKENS + (64,)]
     assigns = args.assign.split(",")
     time_jobs = timing_jobs(assigns, args.quick) if "time" in parts else []
     jobs += time_jobs
@@ -738,13 +741,15 @@ def main():
              f"layer 'all' = every known scheme mixed, 'int4mix' = the 4-bit weight-only schemes")
         emit(f"{'shape':22} {'layer':8} {'mode':9} {'tokens':>6} {'rel err':>9} {'unwritten':>9}  ok")
         for shape in SHAPES:
-            # Besides 'all' (every scheme), the weight-only 3.25-bit mix the benchmarks time, at decode sizes.
+            # Besides 'all' (every scheme), the weight-only 3.25-bit mix the benchmarks time, at decode and prefill
+            # sizes: its GEMM1 applies SiLU in the epilogue wherever it is unsplit ('all' holds fp8-activation
+            # blocks in GEMM2, which keep the separate SiLU kernel).
             checks = [(m, "int4mix" if m == "csrc" else "all") for m in modes]
             checks += [("default", "mixed3.25")] if "default" in modes else []
             for m, label in checks:
                 try:
                     layers = make_layer(shape, label)
-                    toks = (1, 3, 16, 40) if label != "all" else None
+                    toks = None if label == "all" else MIX_CHECK_TOKENS if label == "mixed3.25" else (1, 3, 16, 40)
                     for r in check_correctness(shape, layers, m, toks, label):
                         results["check"].append(r)
                         emit(f"{r['shape']:22} {label:8} {m:9} {r['tokens']:6d} {r['rel_err']:9.2e} "

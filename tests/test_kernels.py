@@ -421,6 +421,61 @@ def test_silu_and_mul_fp8_copy_matches_reference(inter):
             assert torch.equal(act[live], want_act[live])
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GemmConfig(16, 32, 128, 4, 1, dequant=3, swap_ab=True),  # decode tile
+        GemmConfig(32, 64, 128, 4, 1, dequant=1, swap_ab=True),
+        GemmConfig(64, 64, 64, 4, 1, dequant=0),  # prefill orientation, v1 dequant
+        GemmConfig(16, 32, 128, 4, 1, dequant=1, swap_ab=True, k_unroll=2),
+    ],
+)
+def test_gated_gemm_equals_silu_and_mul_of_the_gate_up_gemm(cfg):
+    """GEMM1 with silu(gate) * up in its epilogue writes what the separate SiLU kernel makes of the ungated
+    output, bit for bit: inter (40) not a multiple of the half tile, an expert without tokens, an fp8-activation
+    expert, slots of another rank's experts left unwritten."""
+    from vllm_mxmoe.kernels.act_quant import silu_and_mul
+
+    gen = torch.Generator().manual_seed(cfg.block_m + cfg.block_n + cfg.k_unroll)
+    inter, k, topk, tokens = 40, 384, 2, 13
+    schemes = ["w4g128", "w3g128", "w2g128", "w8", "w8a8fp8", "w4"]
+    weights = make_weights(schemes, 2 * inter, k, gen)
+    expert_map = torch.tensor([0, 1, 2, -1, 3, 4, 5], dtype=torch.int32)
+    ids, _ = make_routing(tokens, topk, len(expert_map), gen, skip=(1,))
+    x = torch.randn(tokens, k, generator=gen).to(DTYPE)
+    routing = align_routing(ids, len(schemes), cfg.block_m, expert_map)
+    x_fp8 = quantize_fp8_per_token(x)
+    gate_up = grouped_gemm(x, weights, routing, cfg, a_row_div=topk, a_fp8=x_fp8)
+    want, _ = silu_and_mul(gate_up, routing.slot_expert, DTYPE, quantize_fp8=False)
+    out = torch.full((1, tokens * topk, inter), float("nan"), dtype=DTYPE)
+    grouped_gemm(x, weights, routing, cfg, a_row_div=topk, a_fp8=x_fp8, out=out, gated=True)
+    live = routing.slot_expert >= 0
+    assert (~live).any() and live.any()
+    assert torch.equal(out[0][live], want[live])
+    assert out[0][~live].isnan().all(), "rows of other ranks' experts must stay unwritten"
+
+
+def test_gated_gemm_rejects_split_k():
+    gen = torch.Generator().manual_seed(9)
+    weights = make_weights(["w4g128", "w8"], 64, 256, gen)
+    ids, _ = make_routing(3, 1, 2, gen)
+    cfg = GemmConfig(16, 32, 128, 4, 1, split_k=2)
+    with pytest.raises(ValueError, match="gated needs split_k=1"):
+        grouped_gemm(torch.randn(3, 256).to(DTYPE), weights, align_routing(ids, 2, 16), cfg, gated=True)
+
+
+@pytest.mark.parametrize("tokens", [5, 40])
+def test_fused_moe_same_output_with_and_without_fused_silu(tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    w13 = make_weights(["w4g128", "w3g128", "w2g128", "w8"], 256, 128, gen)
+    w2 = make_weights(["w3g128", "w4g128", "w8", "w2g128"], 128, 128, gen)
+    ids, topk_weights = make_routing(tokens, 2, 4, gen)
+    x = torch.randn(tokens, 128, generator=gen).to(DTYPE)
+    fused = mxmoe_fused_experts(x, w13, w2, topk_weights, ids, fuse_silu=True)
+    separate = mxmoe_fused_experts(x, w13, w2, topk_weights, ids, fuse_silu=False)
+    assert torch.equal(fused, separate)
+
+
 # ---------------------------------------------------------------------------
 # The fused layer
 

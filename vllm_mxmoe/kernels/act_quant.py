@@ -102,7 +102,7 @@ def _silu_and_mul_kernel(
         ok = cols < inter
         gate = tl.zeros((BLOCK,), tl.float32)
         up = tl.zeros((BLOCK,), tl.float32)
-        for s in range(SPLIT_K):
+        for s in tl.static_range(SPLIT_K):
             gate += tl.load(src + s * split_stride + cols, mask=ok, other=0.0).to(tl.float32)
             up += tl.load(src + s * split_stride + inter + cols, mask=ok, other=0.0).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate)) * up).to(act_ptr.dtype.element_ty)

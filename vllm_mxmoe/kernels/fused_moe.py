@@ -4,11 +4,17 @@
     -> silu(gate) * up [+ fp8 quant] (sums split-K partials) -> GEMM2 down x topk weight
     -> sum over topk (and split-K partials)
 
+silu(gate) * up runs in GEMM1's epilogue (one launch less, and gate_up never stored) unless GEMM1 is
+split along K, runs through csrc/, or GEMM2 needs the activations' per-token fp8 copy (each needs the
+whole row); MXMOE_FUSED_SILU=0 turns the fusion off (for A/B timing).
+
 No host synchronisation: every shape and launch parameter comes from tensor
 shapes and the (host-side) scheme lists, never from routing data.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -21,6 +27,8 @@ from .configs import GemmConfig, GemmKey, cdiv, config_for_key, next_pow2
 from .grouped_gemm import all_int4_fragment, all_w8a8fp8, grouped_gemm, has_3bit_blocks, needs_fp8_activations
 from .layout import ExpertGemmWeights
 
+FUSED_SILU_DEFAULT = os.environ.get("MXMOE_FUSED_SILU", "1") != "0"
+
 
 @triton.jit
 def _moe_sum_kernel(
@@ -32,11 +40,13 @@ def _moe_sum_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    for j in range(TOPK):
+    # Unrolled, so that all TOPK x SPLIT_K loads are in flight at once: with a loop each waited on the
+    # last, which made this small kernel latency bound at decode.
+    for j in tl.static_range(TOPK):
         slot = token * TOPK + j
         # Slots of other ranks' experts were never written by GEMM2: skip them.
         cols = tl.where(tl.load(slot_expert_ptr + slot) >= 0, N, 0)
-        for s in range(SPLIT_K):
+        for s in tl.static_range(SPLIT_K):
             row = part_ptr + s * split_stride + slot.to(tl.int64) * N
             acc += tl.load(row + offs_n, mask=offs_n < cols, other=0.0).to(tl.float32)
     tl.store(out_ptr + token.to(tl.int64) * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -84,6 +94,7 @@ def mxmoe_fused_experts(
     configs: tuple[GemmConfig, GemmConfig] | None = None,
     out: torch.Tensor | None = None,
     use_csrc: bool | None = None,
+    fuse_silu: bool | None = None,
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert of slot (t, j).
 
@@ -93,7 +104,8 @@ def mxmoe_fused_experts(
     (GEMM1, GEMM2; same block_m); ``out`` [T, hidden] receives the result.
     ``use_csrc``: run the GEMMs that csrc_ext.supports() through the CUDA extension
     (None: for batches of <= csrc_ext.DEFAULT_MAX_TOKENS tokens when csrc_ext.enabled(),
-    i.e. only once the extension is built).
+    i.e. only once the extension is built). ``fuse_silu``: silu(gate) * up in GEMM1's epilogue where
+    possible (None: FUSED_SILU_DEFAULT).
     """
     num_tokens, hidden = hidden_states.shape
     topk = topk_ids.shape[1]
@@ -119,12 +131,19 @@ def mxmoe_fused_experts(
     if use_csrc is None:  # measured faster at 1 token only (KERNEL_NOTES.md)
         use_csrc = num_tokens <= csrc_ext.DEFAULT_MAX_TOKENS and csrc_ext.enabled()
     x_fp8 = quantize_fp8_per_token(x) if needs_fp8_activations(w13) else None
-    if use_csrc and csrc_ext.supports(w13, x, cfg1.block_m):
-        gate_up = csrc_ext.w4_gemv(x, w13, routing, a_row_div=topk)
+    gemm1_csrc = use_csrc and csrc_ext.supports(w13, x, cfg1.block_m)
+    if fuse_silu is None:
+        fuse_silu = FUSED_SILU_DEFAULT
+    if fuse_silu and not gemm1_csrc and cfg1.split_k == 1 and not needs_fp8_activations(w2):
+        act = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x_fp8, gated=True)[0]
+        act_fp8 = None
     else:
-        gate_up = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x_fp8)
-    act, act_fp8 = silu_and_mul(gate_up, routing.slot_expert, x.dtype, quantize_fp8=needs_fp8_activations(w2),
-                                store_act=any(s.act != "fp8" for s in w2.distinct_schemes))
+        if gemm1_csrc:
+            gate_up = csrc_ext.w4_gemv(x, w13, routing, a_row_div=topk)
+        else:
+            gate_up = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x_fp8)
+        act, act_fp8 = silu_and_mul(gate_up, routing.slot_expert, x.dtype, quantize_fp8=needs_fp8_activations(w2),
+                                    store_act=any(s.act != "fp8" for s in w2.distinct_schemes))
     flat_weights = topk_weights.reshape(-1)
     if use_csrc and csrc_ext.supports(w2, act, cfg2.block_m):
         down = csrc_ext.w4_gemv(act, w2, routing, routed_weights=flat_weights)

@@ -941,6 +941,21 @@ def _int4_fp8_act_loop(
 # num_slots is not specialised on (divisibility by 16), so one compile serves every batch size of a
 # config (kernels/warmup.py compiles them all at load time). split_stride = num_slots * N keeps its
 # specialisation: N is a multiple of 16 in practice, and the output stores need that alignment.
+@triton.jit
+def _store_silu_and_mul(acc, out_ptr, slots, row_mask, pid_n, inter, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """act[slot, c] = silu(gate) * up from a GATED tile [BLOCK_M, gate cols | up cols]; gate and up are
+    rounded to act's dtype first, so act equals act_quant.silu_and_mul on the stored gate_up bit for bit."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+    dtype = out_ptr.dtype.element_ty
+    gate = gate.to(dtype).to(tl.float32)
+    up = up.to(dtype).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
+    cols = pid_n * HALF + tl.arange(0, HALF)
+    ptrs = out_ptr + slots[:, None].to(tl.int64) * inter + cols[None, :]
+    tl.store(ptrs, act, mask=row_mask[:, None] & (cols < inter)[None, :])
+
+
 @triton.jit(do_not_specialize=["num_slots"])
 def _grouped_gemm_kernel(
     a_ptr, a8_ptr, a_scale_ptr,
@@ -954,7 +969,7 @@ def _grouped_gemm_kernel(
     MUL_ROUTED_WEIGHT: tl.constexpr, WORDS_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DEQUANT: tl.constexpr = 0, USE_ASM: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
-    DENSE: tl.constexpr = False, K_UNROLL: tl.constexpr = 1,
+    DENSE: tl.constexpr = False, K_UNROLL: tl.constexpr = 1, GATED: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -989,8 +1004,18 @@ def _grouped_gemm_kernel(
 
     row_mask = slots < num_slots
     a_rows = (slots // a_row_div).to(tl.int64)  # GEMM1 gathers token rows: slot // topk
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    if GATED:
+        # A gate_up GEMM whose epilogue applies SiLU(gate) * up: the tile's first half holds gate rows
+        # c..c+HALF, its second half the up rows of the same columns (inter + c..), so each program owns
+        # whole output columns of act.
+        HALF: tl.constexpr = BLOCK_N // 2
+        tile_row = tl.arange(0, BLOCK_N)
+        act_col = pid_n * HALF + tile_row % HALF
+        offs_n = act_col + (tile_row // HALF) * (N // 2)
+        n_mask = act_col < N // 2
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
     a8_ptrs = a8_ptr + a_rows[:, None] * stride_a8m + offs_k[None, :]
@@ -1071,6 +1096,9 @@ def _grouped_gemm_kernel(
 
     if MUL_ROUTED_WEIGHT:
         acc = acc * tl.load(routed_weight_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    if GATED:
+        _store_silu_and_mul(acc, out_ptr, slots, row_mask, pid_n, N // 2, BLOCK_M, BLOCK_N)
+        return
     out_ptrs = out_ptr + pid_k * split_stride + slots[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
@@ -1085,6 +1113,7 @@ def grouped_gemm(
     a_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
     routed_weights: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """out[s, slot] = A[slot // a_row_div] @ W_e^T for every routed slot, e = its local expert.
 
@@ -1093,13 +1122,18 @@ def grouped_gemm(
     output rows (second GEMM). Returns [split_k, num_slots, N]: split_k partial sums,
     in float32 when split_k > 1, else in a's dtype. Rows of slots not routed to a
     local expert are left untouched.
+
+    ``gated`` (a gate_up GEMM: gate rows first, N = 2 * inter; split_k 1): the epilogue applies
+    silu(gate) * up and returns act [1, num_slots, inter] in a's dtype, equal bit for bit to
+    act_quant.silu_and_mul on the ungated output.
     """
     if routing.block_m != config.block_m:
         raise ValueError(f"grouped_gemm: routing was aligned to BLOCK_M={routing.block_m}, config says {config.block_m}")
-    out = _checked_output(a, weights, config, routing.num_slots, a_fp8, out)
-    grid = (routing.max_blocks, cdiv(weights.n, config.block_n), config.split_k)
+    out = _checked_output(a, weights, config, routing.num_slots, a_fp8, out, gated)
+    n_programs = cdiv(weights.n // 2, config.block_n // 2) if gated else cdiv(weights.n, config.block_n)
+    grid = (routing.max_blocks, n_programs, config.split_k)
     launch = _Launch(grid, a, weights, out, config, a_fp8, routed_weights, routing.sorted_ids, routing.block_expert,
-                     routing.num_blocks, routing.num_slots, a_row_div, dense=False)
+                     routing.num_blocks, routing.num_slots, a_row_div, dense=False, gated=gated)
     _run_with_fallback(launch)
     return out
 
@@ -1126,7 +1160,7 @@ def dense_gemm(
     return out
 
 
-def _checked_output(a, weights, config, num_slots, a_fp8, out):
+def _checked_output(a, weights, config, num_slots, a_fp8, out, gated=False):
     n, k = weights.n, weights.k
     if a.shape[-1] != k:
         raise ValueError(f"grouped_gemm: A has {a.shape[-1]} columns, weights expect K={k}")
@@ -1134,8 +1168,11 @@ def _checked_output(a, weights, config, num_slots, a_fp8, out):
         raise ValueError(f"grouped_gemm: BLOCK_K={config.block_k} must divide K={k} and every group size")
     if needs_fp8_activations(weights) and a_fp8 is None:
         raise ValueError("grouped_gemm: a scheme quantizes activations to fp8 but no a_fp8 was given")
+    if gated and (config.split_k != 1 or n % 2 or config.block_n % 2):
+        raise ValueError(f"grouped_gemm: gated needs split_k=1 and even N and BLOCK_N (split_k={config.split_k}, "
+                         f"N={n}, BLOCK_N={config.block_n})")
     out_dtype = a.dtype if config.split_k == 1 else torch.float32
-    shape = (config.split_k, num_slots, n)
+    shape = (config.split_k, num_slots, n // 2 if gated else n)
     if out is None:
         return torch.empty(shape, dtype=out_dtype, device=a.device)
     if tuple(out.shape) != shape or not out.is_contiguous():
@@ -1158,6 +1195,7 @@ class _Launch:
     num_slots: int
     a_row_div: int
     dense: bool
+    gated: bool = False
 
 
 def _run_with_fallback(launch: _Launch) -> None:
@@ -1166,7 +1204,7 @@ def _run_with_fallback(launch: _Launch) -> None:
     config = launch.config
     kinds = layer_kinds(launch.weights)
     dequant = resolve_dequant(config.dequant, config.block_m, bool(kinds & KIND_W3_FRAGMENT))
-    key = (kinds, config, launch.a.dtype, launch.dense)
+    key = (kinds, config, launch.a.dtype, launch.dense, launch.gated)
     if dequant and key in _ASM_COMPILE_FAILED:
         dequant = 0
     try:
@@ -1201,5 +1239,5 @@ def _launch(launch: _Launch, kinds: int, dequant: int) -> None:
         WORDS_ALIGNED=k % 128 == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         DEQUANT=dequant, USE_ASM=dequant >= 2 and not interpreting(), SWAP_AB=config.swap_ab, DENSE=launch.dense,
-        K_UNROLL=config.k_unroll, num_warps=config.num_warps, num_stages=config.num_stages,
+        K_UNROLL=config.k_unroll, GATED=launch.gated, num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -1,0 +1,13 @@
+# session 18 call 10 (H200): Qwen1.5-MoE-A2.7B (spread gates) served: mixed 3.25 with MXMOE_FUSED_SILU=0, mixed 3.25 (fused), Marlin at batch 1
+# throughput, median of 5, cached prompts.
+export PYTHONUNBUFFERED=1
+. /tmp/vk/env.sh && . benchmarks/gpu_register_plugin.sh
+export PYTHONPATH=.:$PYTHONPATH
+R=$OUT; mkdir -p $R/q15
+OUT=$R/q15 timeout 585 python3 benchmarks/gpu_serving_check.py all x x --config qwen1.5-moe-a2.7b --skip-accuracy \
+  --batches 1 --latency-batches "" --variants mxmoe_mixed325@MXMOE_FUSED_SILU=0,mxmoe_mixed325,gptq4_marlin \
+  --repeats 5 --prefill cached --spread-routers > $R/q15/serving.txt 2>&1
+echo rc $?
+grep -h "RESULT" $R/q15/serving.txt | cut -c1-190
+grep -h "Traceback\|Error" $R/q15/*.txt | sort | uniq -c | head
+cd $R && tar czf k10.tgz q15 && rm -rf q15

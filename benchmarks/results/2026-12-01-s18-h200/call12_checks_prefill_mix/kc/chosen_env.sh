@@ -1,0 +1,1 @@
+export MXMOE_DEQUANT=2

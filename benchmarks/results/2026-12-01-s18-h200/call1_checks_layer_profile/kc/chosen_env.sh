@@ -1,0 +1,2 @@
+export MXMOE_DEQUANT=2
+export MXMOE_CSRC_OK=1
