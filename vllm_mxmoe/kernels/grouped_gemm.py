@@ -938,9 +938,6 @@ def _int4_fp8_act_loop(
 # The kernel
 
 
-# num_slots is not specialised on (divisibility by 16), so one compile serves every batch size of a
-# config (kernels/warmup.py compiles them all at load time). split_stride = num_slots * N keeps its
-# specialisation: N is a multiple of 16 in practice, and the output stores need that alignment.
 @triton.jit
 def _store_silu_and_mul(acc, out_ptr, slots, row_mask, pid_n, inter, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """act[slot, c] = silu(gate) * up from a GATED tile [BLOCK_M, gate cols | up cols]; gate and up are
@@ -956,6 +953,9 @@ def _store_silu_and_mul(acc, out_ptr, slots, row_mask, pid_n, inter, BLOCK_M: tl
     tl.store(ptrs, act, mask=row_mask[:, None] & (cols < inter)[None, :])
 
 
+# num_slots is not specialised on (divisibility by 16), so one compile serves every batch size of a
+# config (kernels/warmup.py compiles them all at load time). split_stride = num_slots * N keeps its
+# specialisation: N is a multiple of 16 in practice, and the output stores need that alignment.
 @triton.jit(do_not_specialize=["num_slots"])
 def _grouped_gemm_kernel(
     a_ptr, a8_ptr, a_scale_ptr,
