@@ -28,6 +28,7 @@ layer is done, so memory holds one layer's statistics, not the model's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -251,6 +252,17 @@ def holdout_mask(num_sequences: int, holdout: float) -> torch.Tensor:
     return mask
 
 
+@contextlib.contextmanager
+def pre_hook(module: nn.Module | None, hook):
+    """``hook`` as a forward pre-hook (with kwargs) on ``module`` inside the block; nothing if module is None."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True) if module is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def _first_layer_inputs(model: nn.Module, sequences: torch.Tensor, batch_size: int, device) -> list[list]:
     """[hidden_states, other args, kwargs] of decoder layer 0, per batch of sequences."""
     captured: list[list] = []
@@ -261,15 +273,12 @@ def _first_layer_inputs(model: nn.Module, sequences: torch.Tensor, batch_size: i
         captured.append([hidden, tuple(args[1:]), kwargs])
         raise _StopForward  # the rest of the model runs layer by layer later
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
+    with pre_hook(decoder_layers(model)[0], catch):
         for batch in sequences.split(batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        handle.remove()
     return captured
 
 
@@ -354,20 +363,16 @@ def profile_model(
             token_ids.append((seqs[:, None] * seq_len + torch.arange(seq_len)).flatten())
     layer_meta = []
     for index, layer in enumerate(tqdm(decoder_layers(model)[: last + 1], desc="profile", unit="layer")):
-        recorder = handle = None
-        if index in by_index:
-            moe = by_index[index]
+        moe = by_index.get(index)
+        recorder = None
+        if moe is not None:
             recorder = _ExpertRecorder(moe.prefix, moe.experts, sample_tokens, seed + index, hessian_weights)
-            handle = moe.experts.register_forward_pre_hook(recorder, with_kwargs=True)
-        try:
+        with pre_hook(moe.experts if moe is not None else None, recorder):
             for batch, role, ids in zip(batches, roles, token_ids):
                 if recorder is not None:
                     recorder.role, recorder.token_ids = role, ids
                 out = layer(batch[0], *batch[1], **batch[2])
                 batch[0] = out[0] if isinstance(out, tuple) else out
-        finally:
-            if handle is not None:
-                handle.remove()
         if recorder is not None:
             profile = recorder.finish()
             name = f"layer-{index:03d}.pt"

@@ -34,7 +34,6 @@ and a copy of one MoE layer's expert inputs.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -50,6 +49,7 @@ from .profile import (
     _routing_arguments,
     decoder_layers,
     expert_activation,
+    pre_hook,
 )
 from .sensitivity import QuantizedUnit
 
@@ -196,22 +196,11 @@ class _PairedRecorder:
         return hessians, crosses
 
 
-@contextlib.contextmanager
-def _pre_hook(module: nn.Module | None, hook):
-    """``hook`` as a forward pre-hook (with kwargs) on ``module`` inside the block; nothing if module is None."""
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True) if module is not None else None
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
 def _record(layer: nn.Module, moe: MoELayer, batches: list[list], hessian_weights: str):
     """The layer's per-expert Hessians on ``batches`` with the experts' current weights."""
     recorder = _ExpertRecorder(moe.prefix, moe.experts, sample_tokens=1, seed=0, hessian_weights=hessian_weights)
     recorder.role = "fit"  # Hessians only, no sensitivity sample
-    with _pre_hook(moe.experts, recorder):
+    with pre_hook(moe.experts, recorder):
         for batch in batches:
             layer(batch[0], *batch[1], **batch[2])
     return recorder.finish()
@@ -221,7 +210,7 @@ def _record_paired(layer: nn.Module, moe: MoELayer, batches: list[list], fp_inpu
                    unit: str, reference_gate_up: torch.Tensor, hessian_weights: str):
     """(H, C) of ``unit`` per expert (_PairedRecorder) on ``batches`` with the experts' current weights."""
     recorder = _PairedRecorder(moe.experts, unit, reference_gate_up, hessian_weights)
-    with _pre_hook(moe.experts, recorder):
+    with pre_hook(moe.experts, recorder):
         for batch, reference in zip(batches, fp_inputs):
             recorder.reference = reference
             layer(batch[0], *batch[1], **batch[2])
@@ -236,7 +225,7 @@ def _advance(layer: nn.Module, batches: list[list], capture: nn.Module | None = 
     def keep(module, args, kwargs):
         seen.append(_routing_arguments(args, kwargs)[0].detach().clone())
 
-    with _pre_hook(capture, keep):
+    with pre_hook(capture, keep):
         for batch in batches:
             out = layer(batch[0], *batch[1], **batch[2])
             batch[0] = out[0] if isinstance(out, tuple) else out

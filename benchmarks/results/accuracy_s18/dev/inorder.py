@@ -35,7 +35,8 @@ from offline.model_spec import inspect_model
 from offline.perf_model import PerfModel
 from offline.profile import decoder_layers, find_moe_layers, _first_layer_inputs, _routing_arguments
 from offline.sensitivity import expert_output, quantize_unit, weighted_error
-from offline.sequential import fp_target, _advance, _pre_hook, _record_paired
+from offline.profile import pre_hook as _pre_hook  # was sequential._pre_hook (moved in session 18)
+from offline.sequential import fp_target, _advance, _record_paired
 from vllm_mxmoe.schemes import parse_scheme
 
 SH = Path("/work/shared"); MODEL = SH / "reference-moe"; CAL = SH / "corpus" / "calib.txt"
