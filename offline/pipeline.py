@@ -176,17 +176,16 @@ class QuantizeOptions:
         """Fill the options whose default depends on others (None above). The defaults are the quantizer
         measured best on the reference model at 2.25 and 3.25 bits (benchmarks/RESULTS.md section 3,
         sessions 16-17): GPTQ in model order fitting the unquantized model's outputs, dampening 0.3."""
-        fill = {}
-        if self.sequential is None:
-            fill["sequential"] = self.method == "gptq"
-        sequential = fill.get("sequential", self.sequential)
-        if self.sequential_target is None and sequential:
-            fill["sequential_target"] = "fp"
-        target = fill.get("sequential_target", self.sequential_target)
-        if self.percdamp is None:
-            fill["percdamp"] = FP_TARGET_PERCDAMP if sequential and target == "fp" else DEFAULT_PERCDAMP
-        for name, value in fill.items():
+        def fill(name: str, value) -> None:
             object.__setattr__(self, name, value)  # frozen: set once, here
+
+        if self.sequential is None:
+            fill("sequential", self.method == "gptq")
+        if self.sequential_target is None and self.sequential:
+            fill("sequential_target", "fp")
+        if self.percdamp is None:
+            fits_fp = self.sequential and self.sequential_target == "fp"
+            fill("percdamp", FP_TARGET_PERCDAMP if fits_fp else DEFAULT_PERCDAMP)
 
     def validate(self) -> None:
         if (self.wbits is None) == (self.scheme_map is None):
