@@ -134,7 +134,8 @@ def mxmoe_fused_experts(
     gemm1_csrc = use_csrc and csrc_ext.supports(w13, x, cfg1.block_m)
     if fuse_silu is None:
         fuse_silu = FUSED_SILU_DEFAULT
-    if fuse_silu and not gemm1_csrc and cfg1.split_k == 1 and not needs_fp8_activations(w2):
+    act_to_fp8 = needs_fp8_activations(w2)
+    if fuse_silu and not gemm1_csrc and cfg1.split_k == 1 and not act_to_fp8:
         act = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x_fp8, gated=True)[0]
         act_fp8 = None
     else:
@@ -142,7 +143,7 @@ def mxmoe_fused_experts(
             gate_up = csrc_ext.w4_gemv(x, w13, routing, a_row_div=topk)
         else:
             gate_up = grouped_gemm(x, w13, routing, cfg1, a_row_div=topk, a_fp8=x_fp8)
-        act, act_fp8 = silu_and_mul(gate_up, routing.slot_expert, x.dtype, quantize_fp8=needs_fp8_activations(w2),
+        act, act_fp8 = silu_and_mul(gate_up, routing.slot_expert, x.dtype, quantize_fp8=act_to_fp8,
                                     store_act=any(s.act != "fp8" for s in w2.distinct_schemes))
     flat_weights = topk_weights.reshape(-1)
     if use_csrc and csrc_ext.supports(w2, act, cfg2.block_m):
