@@ -261,6 +261,8 @@ def run_pipeline(args: argparse.Namespace) -> str:
         + (f" (budget {args.wbits})" if args.wbits is not None else "")
         + f"; stages: {', '.join(f'{k} {v}' for k, v in result.stages.items())}"
     )
+    seconds = report.get("stage_seconds", {})
+    print(f"time on {report.get('device')}: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if v >= 0.5))
     return str(result.out_dir)
 
 

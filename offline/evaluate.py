@@ -33,6 +33,8 @@ def token_windows(model_dir: str | Path, text_path: str | Path, seq_len: int, ma
     """Tokenize the whole file and cut it into full windows of seq_len tokens."""
     from transformers import AutoTokenizer
 
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"--model {model_dir}: no config.json there (not a model folder)")
     text = Path(text_path).read_text()
     if not text.strip():
         raise ValueError(f"{text_path}: empty text")
@@ -49,8 +51,11 @@ def _result(nll_sum: float, tokens: int, windows: list, seq_len: int, backend: s
     return PerplexityResult(math.exp(nll_sum / tokens), nll_sum, tokens, len(windows), seq_len, backend)
 
 
-def perplexity_hf(model_dir, windows: list[list[int]], dtype=torch.float32) -> PerplexityResult:
-    """transformers; an MxMoE checkpoint is dequantized into a temporary folder."""
+def perplexity_hf(
+    model_dir, windows: list[list[int]], dtype=torch.float32, device: str | None = None
+) -> PerplexityResult:
+    """transformers on ``device`` (default: cuda if available, else cpu); an MxMoE checkpoint is
+    dequantized into a temporary folder."""
     from transformers import AutoModelForCausalLM
 
     from vllm_mxmoe.format import QUANT_METHOD
@@ -61,11 +66,12 @@ def perplexity_hf(model_dir, windows: list[list[int]], dtype=torch.float32) -> P
             from .dequantize import dequantize_checkpoint
 
             model_dir = dequantize_checkpoint(model_dir, Path(tmp) / "dq")
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
         nll, count = 0.0, 0
         with torch.no_grad():
             for window in tqdm(windows, desc="perplexity (transformers)", unit="window"):
-                ids = torch.tensor([window])
+                ids = torch.tensor([window], device=device)
                 logits = model(ids, use_cache=False).logits[0, :-1].float()
                 nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
                 count += len(window) - 1
@@ -97,6 +103,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     p.add_argument("--backend", choices=["vllm", "transformers", "both"], default="vllm")
     p.add_argument("--dtype", default="float32", help="compute dtype (vLLM: float32/bfloat16/float16)")
+    p.add_argument("--device", help="transformers backend: torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     try:
@@ -106,7 +113,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     if args.backend in ("transformers", "both"):
-        results.append(perplexity_hf(args.model, windows, getattr(torch, args.dtype)))
+        results.append(perplexity_hf(args.model, windows, getattr(torch, args.dtype), args.device))
     if args.backend in ("vllm", "both"):
         results.append(perplexity_vllm(args.model, windows, args.dtype))
     for r in results:

@@ -7,6 +7,9 @@ Usage::
         acc.add(x)
     qweight = gptq_quantize(w, acc.finalize(), scheme)
 
+``run_gptq_batch`` runs the same algorithm on many same-shape weights (an MoE
+layer's experts) in one column loop, with the same results as one at a time.
+
 Choices that matter for the rest of the pipeline:
 
 * The grid of each group is a plain min/max grid (``quant_grid``). By default
@@ -146,6 +149,77 @@ def run_gptq(
     refine_sweeps: then this many sweeps of ``refine_codes`` on schemes of at most
         REFINE_MAX_BITS bits (the only ones where it measured better; see there).
     """
+    job = _prepare(w, hessian, scheme, percdamp, act_order, static_groups, clip)
+    if isinstance(job, GPTQResult):
+        return job
+    quantized = _gptq_pass(job.weight[:, job.order], job.hinv, job.order.tolist(), job.grid, block_size, job.dynamic)
+    return _finish(job, quantized, block_size, refit_rounds, refine_sweeps, percdamp)
+
+
+# Weight elements (experts x N x K) one batched GPTQ pass holds; each of its float32 [B, N, K]
+# working tensors (weight, codes, scales, zeros) then takes at most 1 GiB.
+DEFAULT_BATCH_ELEMENTS = 1 << 28
+
+
+def run_gptq_batch(
+    weights: list[torch.Tensor],
+    hessians: list[torch.Tensor],
+    scheme: Scheme,
+    *,
+    percdamp: float = DEFAULT_PERCDAMP,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    act_order: bool = True,
+    static_groups: bool = True,
+    clip: str = "minmax",
+    refit_rounds: int = 0,
+    refine_sweeps: int = 0,
+    max_batch_elements: int = DEFAULT_BATCH_ELEMENTS,
+) -> list[GPTQResult]:
+    """``run_gptq`` of many weights of one shape (an MoE layer's experts) with one scheme.
+
+    The column loop, which issues a dozen small operations per column, runs once for a batch
+    of experts instead of once per expert: on a GPU the per-expert loop is bound by launches,
+    not arithmetic. Each result equals ``run_gptq`` of its weight alone (the per-column steps are
+    the same elementwise operations; only the lazy block update is a batched matmul).
+    """
+    if len(weights) != len(hessians):
+        raise ValueError(f"GPTQ: {len(weights)} weights but {len(hessians)} Hessians")
+    results: list[GPTQResult | None] = [None] * len(weights)
+    batchable: list[tuple[int, _GPTQJob]] = []
+    for i, (w, h) in enumerate(zip(weights, hessians)):
+        job = _prepare(w, h, scheme, percdamp, act_order, static_groups, clip)
+        if isinstance(job, GPTQResult):
+            results[i] = job
+        elif job.dynamic:  # grids refitted inside the loop: one weight at a time
+            quantized = _gptq_pass(job.weight[:, job.order], job.hinv, job.order.tolist(), job.grid, block_size, True)
+            results[i] = _finish(job, quantized, block_size, refit_rounds, refine_sweeps, percdamp)
+        else:
+            batchable.append((i, job))
+    if batchable:
+        per_batch = max(1, max_batch_elements // batchable[0][1].weight.numel())
+        for start in range(0, len(batchable), per_batch):
+            chunk = batchable[start : start + per_batch]
+            quantized = _gptq_pass_batched([job for _, job in chunk], block_size)
+            for (i, job), q in zip(chunk, quantized):
+                results[i] = _finish(job, q, block_size, refit_rounds, refine_sweeps, percdamp)
+    return results
+
+
+@dataclass
+class _GPTQJob:
+    """One weight ready for the GPTQ column loop."""
+
+    weight: torch.Tensor  # float32 [N, K], natural column order
+    hessian: torch.Tensor  # as given (refit / refine use it)
+    order: torch.Tensor  # processing order of the columns (act-order or natural)
+    hinv: torch.Tensor  # upper Cholesky factor of the permuted, dampened H^-1 (float32)
+    grid: _Grid
+    dynamic: bool
+
+
+def _prepare(w, hessian, scheme: Scheme, percdamp: float, act_order: bool, static_groups: bool,
+             clip: str) -> _GPTQJob | GPTQResult:
+    """Everything before the column loop; a GPTQResult (RTN) where the Hessian cannot guide it."""
     if clip not in CLIP_MODES:
         raise ValueError(f"GPTQ: clip must be one of {CLIP_MODES}, got {clip!r}")
     weight = as_float_weight(w, scheme)
@@ -166,22 +240,25 @@ def run_gptq(
         return _rtn_result(weight, scheme, clip)
 
     dynamic = not static_groups and scheme.group(k) < k and not scheme.weight_is_fp8
-    if dynamic:
-        grid = _Grid.empty(weight, scheme)
-    else:
-        grid = _Grid.fitted(weight, scheme, clip, importance)
-    quantized = _gptq_pass(weight[:, order], hinv, order.tolist(), grid, block_size, dynamic)
+    grid = _Grid.empty(weight, scheme) if dynamic else _Grid.fitted(weight, scheme, clip, importance)
+    return _GPTQJob(weight, hessian, order, hinv, grid, dynamic)
+
+
+def _finish(job: _GPTQJob, quantized: torch.Tensor, block_size: int, refit_rounds: int, refine_sweeps: int,
+            percdamp: float) -> GPTQResult:
+    """The pass's (permuted) output back in natural order, then the optional refits and code refinement."""
+    weight, order, grid, scheme = job.weight, job.order, job.grid, job.grid.scheme
     result = GPTQResult(quantized[:, torch.argsort(order)], grid.scale, grid.zero, scheme, used_rtn=False)
     for round_ in range(refit_rounds):
-        result = refit_scales(weight, hessian, result)
+        result = refit_scales(weight, job.hessian, result)
         if round_ + 1 < refit_rounds:  # GPTQ again, its codes chosen on the refitted grid
             zero = None if result.zero is None else result.zero.clone()
             grid = _Grid(scheme, grid.group, result.scale.clone(), zero)
-            quantized = _gptq_pass(weight[:, order], hinv, order.tolist(), grid, block_size, False)
+            quantized = _gptq_pass(weight[:, order], job.hinv, order.tolist(), grid, block_size, False)
             unpermuted = quantized[:, torch.argsort(order)]
             result = GPTQResult(unpermuted, grid.scale, grid.zero, scheme, used_rtn=False)
     if refines_codes_of(scheme):
-        result = refine_codes(weight, hessian, result, refine_sweeps, percdamp)
+        result = refine_codes(weight, job.hessian, result, refine_sweeps, percdamp)
     return result
 
 
@@ -214,7 +291,7 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, result: GPTQResult
     gram = torch.einsum("nai,abij,nbj->nab", d, h_blocks, d)
     rhs = torch.einsum("nai,nai->na", d, (w @ h).reshape(n, groups, group))
     ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
-    eye = torch.eye(groups, dtype=gram.dtype)
+    eye = torch.eye(groups, dtype=gram.dtype, device=gram.device)
     solved = torch.linalg.solve_ex(gram + ridge[:, None, None] * eye, rhs.unsqueeze(-1))[0].squeeze(-1)
     new = solved.to(torch.float16).float()
 
@@ -376,6 +453,41 @@ def _gptq_pass(
         # Lazy update: the columns after this block see its errors in one matmul.
         weight[:, end:] -= errors @ hinv[start:end, end:]
     return quantized
+
+
+def _gptq_pass_batched(jobs: list[_GPTQJob], block_size: int) -> list[torch.Tensor]:
+    """``_gptq_pass`` of same-shape static-grid jobs at once; returns each job's permuted output.
+
+    Each job's grid is expanded to one scale (and zero) per permuted column up front, since the
+    jobs' column orders differ; the values are the grid's, so the rounding is the same."""
+    scheme, group = jobs[0].grid.scheme, jobs[0].grid.group
+    order = torch.stack([job.order for job in jobs])  # [B, K]
+    rows = jobs[0].weight.shape[0]
+    weight = torch.stack([job.weight for job in jobs]).gather(2, order[:, None, :].expand(-1, rows, -1))
+    hinv = torch.stack([job.hinv for job in jobs])
+
+    def per_column(grids: list[torch.Tensor]) -> torch.Tensor:
+        expanded = torch.stack([g.float() for g in grids]).repeat_interleave(group, dim=2)
+        return expanded.gather(2, order[:, None, :].expand_as(weight))
+
+    scale = per_column([job.grid.scale for job in jobs])
+    zero = None if jobs[0].grid.zero is None else per_column([job.grid.zero for job in jobs])
+    k = weight.shape[2]
+    quantized = torch.zeros_like(weight)
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        block = weight[:, :, start:end].clone()
+        errors = torch.zeros_like(block)
+        hinv_block = hinv[:, start:end, start:end]
+        for i in range(end - start):
+            c = start + i
+            q = quantize_dequantize(block[:, :, i], scale[:, :, c], None if zero is None else zero[:, :, c], scheme)
+            quantized[:, :, c] = q
+            err = (block[:, :, i] - q) / hinv_block[:, i, i].unsqueeze(1)
+            block[:, :, i:] -= err.unsqueeze(2) * hinv_block[:, i, i:].unsqueeze(1)
+            errors[:, :, i] = err
+        weight[:, :, end:] -= errors @ hinv[:, start:end, end:]
+    return list(quantized.unbind(0))
 
 
 def _rtn_result(weight: torch.Tensor, scheme: Scheme, clip: str = "minmax") -> GPTQResult:

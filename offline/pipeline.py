@@ -29,7 +29,7 @@
   (clip="mse", Hessian-diagonal weighted; "minmax" = the full range), the same
   for the sensitivity measurement, the allocation's quantization and a given
   (uniform) allocation.
-* quantize: each block with its scheme through ``sensitivity.quantize_unit``,
+* quantize: each block with its scheme through ``sensitivity.quantize_units``,
   the same function that measured Δ. By default (``sequential``, with GPTQ) the
   GPTQ Hessians are re-measured in model order through the already quantized
   layers and GPTQ fits the unquantized model's outputs there
@@ -46,9 +46,11 @@ expert, as ``--scheme`` / ``--scheme-map``); then sensitivity and ILP are skippe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,7 @@ from .profile import (
 from .report import LayerResult, build_report, plot_report, write_report
 from .rotation import rotate_model_
 from .scheme_map import resolve_scheme_map
-from .sensitivity import METHODS, QuantizedUnit, layer_sensitivity, quantize_unit
+from .sensitivity import METHODS, QuantizedUnit, layer_sensitivity, quantize_units
 from .sequential import FP_TARGET_PERCDAMP, SEQUENTIAL_TARGETS, quantize_in_model_order
 
 # Bump when what the caches hold changes meaning, so old caches are not reused.
@@ -329,6 +331,15 @@ class _Pipeline:
         self.cache = Path(opts.cache_dir) if opts.cache_dir else out / "cache"
         self.device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.stages: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}  # wall time of each step of run(), for the report
+
+    @contextlib.contextmanager
+    def _timed(self, step: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = round(self.seconds.get(step, 0.0) + time.perf_counter() - start, 3)
 
     @torch.no_grad()
     def run(self) -> PipelineResult:
@@ -338,23 +349,30 @@ class _Pipeline:
         if fixed is None:  # cheap checks first: fail before hours of profiling
             check_budget(spec, opts.schemes, opts.wbits, opts.granularity)
             perf = PerfModel.from_json(opts.perf_table) if opts.perf_table else PerfModel()
-        sequences = self._calibration() if opts.needs_calibration else None
-
-        model, rotation = self._load_model()
+        with self._timed("calibration"):
+            sequences = self._calibration() if opts.needs_calibration else None
+        with self._timed("load"):
+            model, rotation = self._load_model()
         moe_layers = find_moe_layers(model, spec)
-        store = self._profile(model, moe_layers, sequences) if opts.needs_calibration else None
+        with self._timed("profile"):
+            store = self._profile(model, moe_layers, sequences) if opts.needs_calibration else None
         if fixed is None:
-            losses = self._sensitivity(
-                moe_layers, store, lambda: self._token_fisher(model, moe_layers, store, sequences)
-            )
-            gains = self.gains = self._layer_gains(model, moe_layers, store, sequences)
-            layers = self._allocate(moe_layers, store, losses, perf, gains)
+            with self._timed("sensitivity"):  # token Fisher weights included (computed on demand)
+                losses = self._sensitivity(
+                    moe_layers, store, lambda: self._token_fisher(model, moe_layers, store, sequences)
+                )
+            with self._timed("layer_gains"):
+                gains = self.gains = self._layer_gains(model, moe_layers, store, sequences)
+            with self._timed("allocate"):
+                layers = self._allocate(moe_layers, store, losses, perf, gains)
         else:
             self.stages["sensitivity"] = self.stages["allocate"] = "skipped"
             layers = self._given(moe_layers, store, fixed)
-        fitted = self._quantize_in_model_order(model, moe_layers, layers, sequences) if opts.sequential else {}
-        packed = self._quantize(moe_layers, store, layers, fitted)
-        self._export(model, rotation, layers, packed)
+        with self._timed("quantize"):
+            fitted = self._quantize_in_model_order(model, moe_layers, layers, sequences) if opts.sequential else {}
+            packed = self._quantize(moe_layers, store, layers, fitted)
+        with self._timed("export"):
+            self._export(model, rotation, layers, packed)
         report = self._report(layers, rotation)
         return PipelineResult(self.out, report, dict(self.stages))
 
@@ -382,8 +400,13 @@ class _Pipeline:
     def _load_model(self):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
-        model = model.to(self.device).eval()
+        # Read in the checkpoint's own dtype, widened to float32 tensor by tensor as it moves to the device:
+        # the same values as a float32 read, with the host holding the weights at their stored size (half of
+        # float32 for a bf16 model: 29 instead of 57 GB for Qwen1.5-MoE-A2.7B).
+        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype="auto")
+        check_fits_device(model, self.device)
+        model = model.to(device=self.device, dtype=torch.float32).eval()
+        model.config.dtype = torch.float32
         rotation = None
         if self.opts.hadamard:
             rotation = rotate_model_(model, seed=self.opts.seed)
@@ -609,10 +632,9 @@ class _Pipeline:
         schemes = {r.prefix: {"gate_up": r.gate_up, "down": r.down} for r in layers}
         fit = sequences[~holdout_mask(sequences.shape[0], self.opts.effective_holdout)]
 
-        def quantize(moe: MoELayer, unit: str, expert: int, weight, hessian) -> QuantizedUnit:
-            return quantize_unit(weight.float(), hessian, parse_scheme(schemes[moe.prefix][unit][expert]),
-                                 self.opts.method, self.opts.clip, self.opts.percdamp, self.opts.refit_rounds,
-                                 self.opts.refine_sweeps)
+        def quantize(moe: MoELayer, unit: str, experts: list[int], weights, hessians) -> list[QuantizedUnit]:
+            chosen = schemes[moe.prefix][unit]
+            return self._quantize_by_scheme(weights, hessians, [chosen[e] for e in experts])
 
         return quantize_in_model_order(model, moe_layers, fit, quantize, self.opts.batch_size,
                                        self.opts.hessian_weights, self.opts.sequential_target, self.opts.percdamp)
@@ -630,30 +652,43 @@ class _Pipeline:
                 profile = store.load(layer.prefix) if store is not None else None
                 experts = layer.experts
                 inter = experts.down_proj.shape[2]
+                units = {}
+                for unit, source, chosen in (("gate_up", experts.gate_up_proj, result.gate_up),
+                                             ("down", experts.down_proj, result.down)):
+                    units[unit] = {e: fitted[(layer.prefix, unit, e)] for e in range(len(chosen))
+                                   if (layer.prefix, unit, e) in fitted}
+                    todo = [e for e in range(len(chosen)) if e not in units[unit]]
+                    hessians = [self._hessian(profile, unit, e, source.shape[2]).to(source.device) for e in todo]
+                    quantized = self._quantize_by_scheme([source[e] for e in todo], hessians, [chosen[e] for e in todo])
+                    units[unit].update(zip(todo, quantized))
                 for e in range(len(result.gate_up)):
                     base = f"{layer.prefix}.{e}"
-                    gate_up = fitted.get((layer.prefix, "gate_up", e)) or self._quantize_unit(
-                        experts.gate_up_proj[e], profile, "gate_up", e, result.gate_up[e]
-                    )
+                    gate_up = units["gate_up"][e]
                     packed[f"{base}.{gate_name}"] = gate_up.encode_rows(slice(0, inter))
                     packed[f"{base}.{up_name}"] = gate_up.encode_rows(slice(inter, 2 * inter))
-                    down = fitted.get((layer.prefix, "down", e)) or self._quantize_unit(
-                        experts.down_proj[e], profile, "down", e, result.down[e]
-                    )
-                    packed[f"{base}.{down_name}"] = down.encode_rows(slice(None))
+                    packed[f"{base}.{down_name}"] = units["down"][e].encode_rows(slice(None))
                     bar.update()
         self.stages["quantize"] = "computed"
         return packed
 
-    def _quantize_unit(self, weight, profile, unit: str, expert: int, scheme: str) -> QuantizedUnit:
+    @staticmethod
+    def _hessian(profile, unit: str, expert: int, in_features: int) -> torch.Tensor:
         if profile is None:  # RTN needs no Hessian
-            hessian = torch.zeros(weight.shape[1], weight.shape[1])
-        else:
-            hessian = (profile.gate_up_hessian if unit == "gate_up" else profile.down_hessian)[expert]
-        return quantize_unit(
-            weight.float(), hessian.to(weight.device), parse_scheme(scheme), self.opts.method, self.opts.clip,
-            self.opts.percdamp, self.opts.refit_rounds, self.opts.refine_sweeps,
-        )
+            return torch.zeros(in_features, in_features)
+        return (profile.gate_up_hessian if unit == "gate_up" else profile.down_hessian)[expert]
+
+    def _quantize_by_scheme(self, weights: list, hessians: list, chosen: list[str]) -> list[QuantizedUnit]:
+        """Each weight quantized with its scheme ``chosen[i]``; the weights of one scheme as one batch."""
+        out: list[QuantizedUnit | None] = [None] * len(weights)
+        for scheme in dict.fromkeys(chosen):
+            idx = [i for i, c in enumerate(chosen) if c == scheme]
+            results = quantize_units(
+                [weights[i].float() for i in idx], [hessians[i] for i in idx], parse_scheme(scheme),
+                self.opts.method, self.opts.clip, self.opts.percdamp, self.opts.refit_rounds, self.opts.refine_sweeps,
+            )
+            for i, q in zip(idx, results):
+                out[i] = q
+        return out
 
     def _export(self, model, rotation, layers: list[LayerResult], packed: dict[str, QuantizedWeight]) -> None:
         experts = {r.prefix: ExpertLayerSchemes(r.gate_up, r.down) for r in layers}
@@ -699,8 +734,12 @@ class _Pipeline:
             "options": options,
             "rotation": rotation or {"kind": "none"},
             "stages": dict(self.stages),
+            "stage_seconds": dict(self.seconds),
+            "device": str(self.device),
             "budget_bits": self.opts.wbits,
         }
+        if self.device.type == "cuda":
+            header["peak_device_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         if getattr(self, "gains", None) is not None:
             header["layer_gains"] = self.gains
         report = build_report(
@@ -715,6 +754,21 @@ class _Pipeline:
 
 # ---------------------------------------------------------------------------
 # Helpers
+
+
+def check_fits_device(model: torch.nn.Module, device: torch.device) -> None:
+    """PipelineError unless the model's float32 weights fit in the CUDA device's free memory (the pipeline
+    keeps the whole model there; its Hessians and activations come on top)."""
+    if device.type != "cuda":
+        return
+    need = sum(t.numel() for t in [*model.parameters(), *model.buffers()]) * 4
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise PipelineError(
+            f"the model needs {need / 2**30:.1f} GiB for its float32 weights on {device}, which has "
+            f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free; use a GPU with more memory or --device cpu"
+        )
+
 
 
 def _hash(parts: dict) -> str:

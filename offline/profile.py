@@ -180,12 +180,18 @@ class _ExpertRecorder:
                     self.gate_up[expert].add(x)
                     self.down[expert].add(h)
             if self.role != "fit":
-                where = torch.full((len(token),), -1) if self.token_ids is None else self.token_ids[token.cpu()]
+                if self.token_ids is None:
+                    where = torch.full((len(token),), -1, device=x.device)
+                else:
+                    where = self.token_ids.to(x.device)[token]
                 self._sample(expert, x, weights[token, slot].float(), where)
 
     def _sample(self, expert: int, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> None:
-        priority = torch.rand(x.shape[0], generator=self.generator)
-        new = (x.cpu(), w.cpu(), ids, priority)
+        # Kept on the activations' device until finish(): a copy to the host per expert and batch
+        # waited for the GPU each time (most of the profile's time on an H200). The priorities come
+        # from the CPU generator, so every device draws the same sample.
+        priority = torch.rand(x.shape[0], generator=self.generator).to(x.device)
+        new = (x, w, ids.to(x.device), priority)
         if self.samples[expert] is not None:
             new = tuple(torch.cat([old, part]) for old, part in zip(self.samples[expert], new))
         if new[0].shape[0] > self.sample_tokens:
@@ -202,8 +208,9 @@ class _ExpertRecorder:
         positions = torch.full((self.num_experts, size), -1, dtype=torch.long)
         for e, sample in enumerate(self.samples):
             if sample is not None:
-                m = sample[0].shape[0]
-                inputs[e, :m], weights[e, :m], positions[e, :m], sizes[e] = sample[0], sample[1], sample[2], m
+                x, w, ids = (part.cpu() for part in sample[:3])
+                m = x.shape[0]
+                inputs[e, :m], weights[e, :m], positions[e, :m], sizes[e] = x, w, ids, m
         return LayerProfile(
             prefix=self.prefix,
             num_tokens=self.num_tokens,
@@ -370,7 +377,7 @@ def profile_model(
         with pre_hook(moe.experts if moe is not None else None, recorder):
             for batch, role, ids in zip(batches, roles, token_ids):
                 if recorder is not None:
-                    recorder.role, recorder.token_ids = role, ids
+                    recorder.role, recorder.token_ids = role, ids.to(device)
                 out = layer(batch[0], *batch[1], **batch[2])
                 batch[0] = out[0] if isinstance(out, tuple) else out
         if recorder is not None:

@@ -19,8 +19,9 @@ isotropic weight): Δ then estimates the loss increase itself, comparable across
 layers, and tokens the loss does not care about count less.
 
 "Quantized" means exactly what the export will write: GPTQ with the unit's
-Hessian from the profile (or RTN), through ``quantize_unit``, which the
-pipeline also uses to produce the checkpoint's tensors.
+Hessian from the profile (or RTN), through ``quantize_units``, which the
+pipeline also uses to produce the checkpoint's tensors. The experts of a chunk
+go through GPTQ as one batch per scheme and unit (``gptq.run_gptq_batch``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from vllm_mxmoe.format import QuantizedWeight, dequantize, encode
 from vllm_mxmoe.schemes import Scheme, parse_scheme
 
-from .gptq import DEFAULT_PERCDAMP, run_gptq
+from .gptq import DEFAULT_BATCH_ELEMENTS, DEFAULT_PERCDAMP, run_gptq, run_gptq_batch
 from .ilp import UNITS
 from .profile import LayerProfile, expert_activation
 from .quant_grid import fit_grid_clipped
@@ -89,6 +90,26 @@ def quantize_unit(
     raise ValueError(f"unknown quantization method {method!r} (choose from {', '.join(METHODS)})")
 
 
+def quantize_units(
+    weights: Sequence[torch.Tensor],
+    hessians: Sequence[torch.Tensor],
+    scheme: Scheme,
+    method: str,
+    clip: str = "minmax",
+    percdamp: float = DEFAULT_PERCDAMP,
+    refit_rounds: int = 0,
+    refine_sweeps: int = 0,
+) -> list[QuantizedUnit]:
+    """``quantize_unit`` of many same-shape weights with one scheme (an MoE layer's experts); GPTQ
+    runs them as one batch (``gptq.run_gptq_batch``), with the same results as one at a time."""
+    if method == "gptq":
+        results = run_gptq_batch(list(weights), list(hessians), scheme, clip=clip, percdamp=percdamp,
+                                 refit_rounds=refit_rounds, refine_sweeps=refine_sweeps)
+        return [QuantizedUnit(r.fake_quantized, r.scale, r.zero, scheme) for r in results]
+    return [quantize_unit(w, h, scheme, method, clip, percdamp, refit_rounds, refine_sweeps)
+            for w, h in zip(weights, hessians)]
+
+
 def expert_output(
     x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
@@ -131,32 +152,37 @@ def layer_sensitivity(
     parsed = [parse_scheme(s) for s in schemes]
     num_experts = gate_up.shape[0]
     loss = np.zeros((num_experts, len(UNITS), len(parsed)))
-    for e in range(num_experts):
-        x, w = profile.samples(e)
-        if x.shape[0] == 0:  # never routed: no measurable error
-            if progress is not None:
-                progress.update()
-            continue
-        device = gate_up.device
-        x, w = x.to(device), w.to(device)
-        w_gate_up, w_down = gate_up[e].float(), down[e].float()
-        reference = expert_output(x, w_gate_up, w_down, act_fn)
-        # the sample stands for all routed tokens of the expert
-        scale = float(profile.counts[e]) / x.shape[0]
-        hessians = {"gate_up": profile.gate_up_hessian[e], "down": profile.down_hessian[e]}
-        fisher = None if token_fisher is None else token_fisher[e].to(device)
+    device = gate_up.device
+    routed = [e for e in range(num_experts) if profile.samples(e)[0].shape[0] > 0]  # never routed: Δ = 0
+    if progress is not None:
+        progress.update(num_experts - len(routed))
+    # Experts in chunks: each chunk's GPTQ runs batched, scheme by scheme and unit by unit.
+    per_chunk = max(1, DEFAULT_BATCH_ELEMENTS // gate_up[0].numel())
+    for first in range(0, len(routed), per_chunk):
+        chunk = routed[first : first + per_chunk]
+        inputs, references, scales, fishers = {}, {}, {}, {}
+        for e in chunk:
+            x, w = profile.samples(e)
+            inputs[e] = (x.to(device), w.to(device))
+            references[e] = expert_output(inputs[e][0], gate_up[e].float(), down[e].float(), act_fn)
+            scales[e] = float(profile.counts[e]) / x.shape[0]  # the sample stands for all routed tokens
+            fishers[e] = None if token_fisher is None else token_fisher[e].to(device)
         for s, scheme in enumerate(parsed):
             for u, unit in enumerate(UNITS):
-                weight = w_gate_up if unit == "gate_up" else w_down
-                fake = quantize_unit(
-                    weight, hessians[unit].to(device), scheme, method, clip, percdamp, refit_rounds, refine_sweeps
-                ).fake_quantized
-                y = (
-                    expert_output(x, fake, w_down, act_fn)
-                    if unit == "gate_up"
-                    else expert_output(x, w_gate_up, fake, act_fn)
+                source = gate_up if unit == "gate_up" else down
+                hessian = profile.gate_up_hessian if unit == "gate_up" else profile.down_hessian
+                fakes = quantize_units(
+                    [source[e].float() for e in chunk], [hessian[e].to(device) for e in chunk], scheme, method,
+                    clip, percdamp, refit_rounds, refine_sweeps,
                 )
-                loss[e, u, s] = scale * weighted_error(y, reference, w, fisher)
+                for e, q in zip(chunk, fakes):
+                    x, w = inputs[e]
+                    y = (
+                        expert_output(x, q.fake_quantized, down[e].float(), act_fn)
+                        if unit == "gate_up"
+                        else expert_output(x, gate_up[e].float(), q.fake_quantized, act_fn)
+                    )
+                    loss[e, u, s] = scales[e] * weighted_error(y, references[e], w, fishers[e])
         if progress is not None:
-            progress.update()
+            progress.update(len(chunk))
     return loss

@@ -60,8 +60,9 @@ SEQUENTIAL_TARGETS = ("quantized", "fp")
 # own 0.01; 0.3 beat 0.01, 0.1 and 1.0 on the reference model (benchmarks/RESULTS.md section 3, session 16)
 FP_TARGET_PERCDAMP = 0.3
 
-# quantize(layer, unit, expert, weight, hessian) -> the unit quantized with its allocated scheme
-QuantizeFn = Callable[[MoELayer, str, int, torch.Tensor, torch.Tensor], QuantizedUnit]
+# quantize(layer, unit, experts, weights, hessians) -> those experts' units, each quantized with its
+# allocated scheme (one call per layer and unit, so that GPTQ can batch the experts)
+QuantizeFn = Callable[[MoELayer, str, list[int], list[torch.Tensor], list[torch.Tensor]], list[QuantizedUnit]]
 
 
 @torch.no_grad()
@@ -110,12 +111,13 @@ def quantize_in_model_order(
                 else:
                     hessians, crosses = _record_paired(layer, moe, batches, fp_inputs, unit,
                                                        original["gate_up_proj"], hessian_weights)
-                for e in range(weights.shape[0]):
-                    hessian = hessians[e].to(weights.device)
-                    w = weights[e]
-                    if crosses is not None:
-                        w = fp_target(original[name][e], hessian, crosses[e].to(weights.device), percdamp)
-                    q = quantize(moe, unit, e, w, hessian)
+                ids = list(range(weights.shape[0]))
+                unit_hessians = [hessians[e].to(weights.device) for e in ids]
+                targets = [weights[e] for e in ids]
+                if crosses is not None:
+                    targets = [fp_target(original[name][e], h, crosses[e].to(weights.device), percdamp)
+                               for e, h in zip(ids, unit_hessians)]
+                for e, q in zip(ids, quantize(moe, unit, ids, targets, unit_hessians)):
                     units[(moe.prefix, unit, e)] = q
                     weights.data[e] = q.fake_quantized.to(weights.dtype)
             _advance(layer, batches)  # the next layer sees this one quantized

@@ -10,6 +10,7 @@ from offline.gptq import (
     refine_codes,
     refit_scales,
     run_gptq,
+    run_gptq_batch,
 )
 from offline.quant_grid import (
     MIN_SCALE,
@@ -403,3 +404,41 @@ def test_refine_codes_leaves_rtn_fp8_and_zero_sweeps_alone(layer):
     assert refine_codes(weight, torch.zeros_like(hessian), unseen, sweeps=2) is unseen
     plain = run_gptq(weight, hessian, parse_scheme("w2g128"))
     assert refine_codes(weight, hessian, plain, sweeps=0) is plain
+
+
+# ---------------------------------------------------------------------------
+# Batched GPTQ (an MoE layer's experts in one column loop)
+
+
+@pytest.mark.parametrize("name", ["w2", "w3g128", "w4g128_sym", "w8a8fp8"])
+@pytest.mark.parametrize("options", [{}, {"clip": "mse", "refine_sweeps": 1}, {"refit_rounds": 2}])
+def test_batched_gptq_equals_one_weight_at_a_time(layer, name, options):
+    """Every expert's result equals run_gptq of its weight alone, bit for bit, including an expert
+    with an empty Hessian (RTN), one with a dead input, one whose Hessian differs in column order
+    (act-order permutations differ per expert), and batches split by max_batch_elements."""
+    weight, hessian, _ = layer
+    scheme = parse_scheme(name)
+    gen = torch.Generator().manual_seed(5)
+    weights = [weight, torch.randn(N, K, generator=gen), weight * 0.5, torch.randn(N, K, generator=gen)]
+    dead = hessian.clone()
+    dead[7, :] = 0
+    dead[:, 7] = 0
+    scrambled = torch.randperm(K, generator=gen)
+    hessians = [hessian, hessian[scrambled][:, scrambled], torch.zeros(K, K), dead]
+    alone = [run_gptq(w, h, scheme, percdamp=0.1, **options) for w, h in zip(weights, hessians)]
+    for max_elements in (4 * N * K, 2 * N * K + 1):  # one batch; batches of two
+        batched = run_gptq_batch(weights, hessians, scheme, percdamp=0.1, max_batch_elements=max_elements, **options)
+        assert [r.used_rtn for r in batched] == [False, False, True, False]
+        for a, b in zip(alone, batched):
+            assert torch.equal(a.fake_quantized, b.fake_quantized) and torch.equal(a.scale, b.scale)
+            assert (a.zero is None and b.zero is None) or torch.equal(a.zero, b.zero)
+
+
+def test_batched_gptq_runs_dynamic_groups_one_at_a_time(layer):
+    weight, hessian, _ = layer
+    scheme = parse_scheme("w4g128")
+    alone = run_gptq(weight, hessian, scheme, act_order=False, static_groups=False)
+    (batched,) = run_gptq_batch([weight], [hessian], scheme, act_order=False, static_groups=False)
+    assert torch.equal(alone.fake_quantized, batched.fake_quantized)
+    with pytest.raises(ValueError, match="2 weights but 1 Hessians"):
+        run_gptq_batch([weight, weight], [hessian], scheme)

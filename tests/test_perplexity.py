@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from offline.cli import quantize_main
-from offline.evaluate import perplexity_hf, perplexity_vllm, token_windows
+from offline.evaluate import eval_main, perplexity_hf, perplexity_vllm, token_windows
 from tiny_models import REFERENCE_MOE
 
 TEST_TEXT = REFERENCE_MOE.parent / "corpus" / "test.txt"
@@ -33,3 +33,8 @@ def test_w8_perplexity_within_one_percent_and_backends_agree(w8_ckpt, monkeypatc
     # transformers on the dequantized weights computes the same number.
     hf = perplexity_hf(w8_ckpt, windows)
     assert abs(hf.perplexity / quant.perplexity - 1) < 1e-3, (hf, quant)
+
+
+def test_eval_names_a_model_folder_that_is_not_one(tmp_path, capsys):
+    assert eval_main(["--model", str(tmp_path / "nowhere"), "--text", str(TEST_TEXT)]) == 2
+    assert "nowhere: no config.json there" in capsys.readouterr().err

@@ -110,6 +110,10 @@ def test_budget_met_exactly_as_counted(run):
     used = {s for layer in qcfg.experts.values() for s in layer.gate_up + layer.down}
     assert len(used) >= 2  # a mixed allocation
     assert set(run.report["plots"]) == {"bits_heatmap.png", "activation_frequency.png", "pareto_front.png"}
+    seconds = run.report["stage_seconds"]  # where a run's time went, per step
+    assert {"load", "profile", "sensitivity", "allocate", "quantize", "export"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values()) and seconds["sensitivity"] > 0
+    assert run.report["device"] == "cpu" and "peak_device_memory_gib" not in run.report
 
 
 def test_second_run_reuses_profile_and_sensitivity(run, source, calib, tmp_path, monkeypatch):
@@ -164,16 +168,16 @@ def test_percdamp_reaches_gptq_and_keys_the_sensitivity_cache(run, source, calib
     the sensitivity cache key, so Δ measured with another dampening is not reused."""
     cache = tmp_path / "cache"
     shutil.copytree(run.out_dir / "cache", cache)
-    real, seen = pipeline_module.quantize_unit, set()
+    real, seen = pipeline_module.quantize_units, set()
 
     def recording(*args, **kwargs):
         seen.add(args[5] if len(args) > 5 else kwargs.get("percdamp"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "quantize_unit", recording)
+    monkeypatch.setattr(pipeline_module, "quantize_units", recording)
     import offline.sensitivity as sensitivity_module
 
-    monkeypatch.setattr(sensitivity_module, "quantize_unit", recording)
+    monkeypatch.setattr(sensitivity_module, "quantize_units", recording)
     damped = quantize_mxmoe(source, calib, tmp_path / "q", wbits=3.25, r=1.0, percdamp=0.1, cache_dir=str(cache), **FAST)
     assert damped.stages["sensitivity"] == "computed" and seen == {0.1}
     with pytest.raises(PipelineError, match="percdamp"):
@@ -183,7 +187,7 @@ def test_percdamp_reaches_gptq_and_keys_the_sensitivity_cache(run, source, calib
     measured = set()
 
     def record_argument(index: int, name: str) -> set:
-        """Patch quantize_unit to note its argument ``index`` (keyword ``name``) and the scheme."""
+        """Patch quantize_units to note its argument ``index`` (keyword ``name``) and the scheme."""
         values = set()
 
         def record(*args, **kwargs):
@@ -191,8 +195,8 @@ def test_percdamp_reaches_gptq_and_keys_the_sensitivity_cache(run, source, calib
             measured.add(args[2].name)
             return recording(*args, **kwargs)
 
-        monkeypatch.setattr(pipeline_module, "quantize_unit", record)
-        monkeypatch.setattr(sensitivity_module, "quantize_unit", record)
+        monkeypatch.setattr(pipeline_module, "quantize_units", record)
+        monkeypatch.setattr(sensitivity_module, "quantize_units", record)
         return values
 
     refits = record_argument(6, "refit_rounds")
@@ -719,3 +723,18 @@ def test_mxmoe_quantize_command_output_serves_in_vllm(source, calib, tmp_path):
         torch.testing.assert_close(
             torch.tensor(result["logprobs"]), torch.tensor(logprobs), atol=2e-3, rtol=1e-3
         )
+
+
+def test_model_too_large_for_the_gpu_is_a_clear_error(source, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from offline.pipeline import check_fits_device
+
+    model = AutoModelForCausalLM.from_pretrained(str(source))
+    need = sum(t.numel() for t in [*model.parameters(), *model.buffers()]) * 4
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 1, 2 * need))
+    with pytest.raises(PipelineError, match=r"float32 weights on cuda:0.*--device cpu"):
+        check_fits_device(model, torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need, 2 * need))
+    check_fits_device(model, torch.device("cuda:0"))  # fits exactly
+    check_fits_device(model, torch.device("cpu"))  # no check on the host

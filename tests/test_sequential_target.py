@@ -50,10 +50,13 @@ def _in_model_order(model, moe_layers, target: str, hessian_weights: str = "none
     """{(layer index, unit, expert): (weight given to quantize, hessian, fake-quantized result)}."""
     seen = {}
 
-    def quantize(moe, unit, expert, weight, hessian):
-        q = quantize_unit(weight.float(), hessian, SCHEME, "gptq", "minmax", PERCDAMP)
-        seen[(moe.index, unit, expert)] = (weight.detach().float().clone(), hessian.clone(), q.fake_quantized)
-        return q
+    def quantize(moe, unit, experts, weights, hessians):
+        out = []
+        for expert, weight, hessian in zip(experts, weights, hessians):
+            q = quantize_unit(weight.float(), hessian, SCHEME, "gptq", "minmax", PERCDAMP)
+            seen[(moe.index, unit, expert)] = (weight.detach().float().clone(), hessian.clone(), q.fake_quantized)
+            out.append(q)
+        return out
 
     torch.manual_seed(0)
     sequences = torch.randint(2, 8000, (4, 32))
