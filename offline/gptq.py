@@ -184,6 +184,9 @@ def run_gptq_batch(
     """
     if len(weights) != len(hessians):
         raise ValueError(f"GPTQ: {len(weights)} weights but {len(hessians)} Hessians")
+    shapes = {tuple(w.shape) for w in weights}
+    if len(shapes) > 1:
+        raise ValueError(f"GPTQ: a batch needs weights of one shape, got {sorted(shapes)}")
     results: list[GPTQResult | None] = [None] * len(weights)
     batchable: list[tuple[int, _GPTQJob]] = []
     for i, (w, h) in enumerate(zip(weights, hessians)):

@@ -442,3 +442,5 @@ def test_batched_gptq_runs_dynamic_groups_one_at_a_time(layer):
     assert torch.equal(alone.fake_quantized, batched.fake_quantized)
     with pytest.raises(ValueError, match="2 weights but 1 Hessians"):
         run_gptq_batch([weight, weight], [hessian], scheme)
+    with pytest.raises(ValueError, match="one shape"):
+        run_gptq_batch([weight, weight[:32]], [hessian, hessian], scheme)
