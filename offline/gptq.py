@@ -152,8 +152,7 @@ def run_gptq(
     job = _prepare(w, hessian, scheme, percdamp, act_order, static_groups, clip)
     if isinstance(job, GPTQResult):
         return job
-    quantized = _gptq_pass(job.weight[:, job.order], job.hinv, job.order.tolist(), job.grid, block_size, job.dynamic)
-    return _finish(job, quantized, block_size, refit_rounds, refine_sweeps, percdamp)
+    return _run_alone(job, block_size, refit_rounds, refine_sweeps, percdamp)
 
 
 # Weight elements (experts x N x K) one batched GPTQ pass holds; each of its float32 [B, N, K]
@@ -194,8 +193,7 @@ def run_gptq_batch(
         if isinstance(job, GPTQResult):
             results[i] = job
         elif job.dynamic:  # grids refitted inside the loop: one weight at a time
-            quantized = _gptq_pass(job.weight[:, job.order], job.hinv, job.order.tolist(), job.grid, block_size, True)
-            results[i] = _finish(job, quantized, block_size, refit_rounds, refine_sweeps, percdamp)
+            results[i] = _run_alone(job, block_size, refit_rounds, refine_sweeps, percdamp)
         else:
             batchable.append((i, job))
     if batchable:
@@ -245,6 +243,12 @@ def _prepare(w, hessian, scheme: Scheme, percdamp: float, act_order: bool, stati
     dynamic = not static_groups and scheme.group(k) < k and not scheme.weight_is_fp8
     grid = _Grid.empty(weight, scheme) if dynamic else _Grid.fitted(weight, scheme, clip, importance)
     return _GPTQJob(weight, hessian, order, hinv, grid, dynamic)
+
+
+def _run_alone(job: _GPTQJob, block_size: int, refit_rounds: int, refine_sweeps: int, percdamp: float) -> GPTQResult:
+    """One job's column loop, then ``_finish``."""
+    quantized = _gptq_pass(job.weight[:, job.order], job.hinv, job.order.tolist(), job.grid, block_size, job.dynamic)
+    return _finish(job, quantized, block_size, refit_rounds, refine_sweeps, percdamp)
 
 
 def _finish(job: _GPTQJob, quantized: torch.Tensor, block_size: int, refit_rounds: int, refine_sweeps: int,

@@ -770,7 +770,6 @@ def check_fits_device(model: torch.nn.Module, device: torch.device) -> None:
         )
 
 
-
 def _hash(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
